@@ -1,0 +1,348 @@
+"""Settings: one typed record, three sources, strict validation.
+
+Sources, in rising precedence:
+
+1. a YAML file named by ``KVOFFLOAD_CONFIG_FILE`` (or ``LMCACHE_CONFIG_FILE``),
+2. ``KVOFFLOAD_<KEY>`` environment variables (``LMCACHE_<KEY>`` are read as aliases),
+3. ``kv_connector_extra_config`` of vLLM's ``--kv-transfer-config``.
+
+Every value remembers where it came from, so ``kvoffload config`` can show it. A bad value, a negative
+size or an unknown key is a :class:`ConfigError` naming the key, the value and the accepted form: we
+never fall back to a default silently, because a cache that is quietly off looks exactly like a cache
+that does not help.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "KVOFFLOAD_"
+LMCACHE_ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "KVOFFLOAD_CONFIG_FILE"
+LMCACHE_CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+PASSWORD_ENV = "KVOFFLOAD_REMOTE_PASSWORD"
+
+# Environment variables that are not settings but are allowed under our prefixes.
+_NON_SETTING_ENV = {CONFIG_FILE_ENV, PASSWORD_ENV, LMCACHE_CONFIG_FILE_ENV}
+
+# LMCache features kvoffload does not have: refused, so nobody believes they are on.
+LMCACHE_ONLY_KEYS: dict[str, str] = {
+    "use_layerwise": "layer-wise pipelining",
+    "enable_blending": "CacheBlend",
+    "blend_recompute_ratios": "CacheBlend",
+    "blend_special_str": "CacheBlend",
+    "enable_p2p": "peer-to-peer KV sharing",
+    "enable_pd": "prefill/decode disaggregation",
+    "pd_role": "prefill/decode disaggregation",
+    "enable_controller": "the LMCache controller",
+    "gds_path": "GPUDirect Storage",
+    "nixl_role": "NIXL transfers",
+    "weka_path": "the WEKA backend",
+    "external_lookup_client": "external lookup clients",
+    "enable_xpyd": "xPyD disaggregation",
+}
+# LMCache settings that exist only to select LMCache code paths; accepted and ignored.
+LMCACHE_NOOP_KEYS = {"use_experimental", "track_usage", "log_level", "remote_serde", "cache_policy"}
+
+
+class ConfigError(ValueError):
+    """A setting is wrong. The message names the key, the value, its source and the accepted form."""
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    default: Any
+    parse: Callable[[str, Any], Any]
+    accepted: str
+    help: str
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError
+
+
+def _parse_positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str):
+        value = value.strip()
+    number = int(value)
+    if isinstance(value, float) and number != value:
+        raise ValueError
+    if number <= 0:
+        raise ValueError
+    return number
+
+
+def _parse_size_gb(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value.strip() if isinstance(value, str) else value)
+    if not number >= 0 or number == float("inf"):  # also rejects NaN
+        raise ValueError
+    return number
+
+
+def _parse_seconds(key: str, value: Any) -> float:
+    number = _parse_size_gb(key, value)
+    if number == 0:
+        raise ValueError
+    return number
+
+
+def _parse_optional_seconds(key: str, value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+        return None
+    return _parse_seconds(key, value)
+
+
+def _parse_disk_path(key: str, value: Any) -> str | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, str):
+        raise ValueError
+    value = value.strip()
+    if value.lower() in {"", "none", "null", "false"}:
+        return None
+    if value.startswith("file://"):  # LMCache writes local_disk as a file:// URL
+        value = value[len("file://") :]
+    if not value:
+        raise ValueError
+    return str(Path(value).expanduser())
+
+
+def _parse_remote_url(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError
+    value = value.strip()
+    if value.lower() in {"", "none", "null"}:
+        return None
+    parsed = urlparse(value)
+    if parsed.scheme not in {"redis", "rediss", "valkey", "valkeys"} or not parsed.hostname:
+        raise ValueError
+    try:
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError from None
+    return value
+
+
+def _parse_copy_backend(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in {"auto", "cuda", "torch"}:
+        raise ValueError
+    return value.strip().lower()
+
+
+KEYS: dict[str, _Key] = {
+    k.name: k
+    for k in [
+        _Key("chunk_size", 256, _parse_positive_int, "a positive integer (tokens), a multiple of vLLM's KV block size",
+             "Tokens per stored chunk: the unit of lookup, storage and eviction."),
+        _Key("local_cpu", True, _parse_bool, "true or false",
+             "Keep chunks in the host pool as a cache; false keeps the pool only as the staging buffer of slower tiers."),
+        _Key("max_local_cpu_size", 5.0, _parse_size_gb, "a number of GB >= 0",
+             "Size of the host memory pool in GB (10^9 bytes) per vLLM worker; pinned when CUDA is present."),
+        _Key("local_disk", None, _parse_disk_path, "a directory path (or file:// URL), or null",
+             "Directory of the persistent disk tier; unset means no disk tier."),
+        _Key("max_local_disk_size", 0.0, _parse_size_gb, "a number of GB >= 0 (> 0 when local_disk is set)",
+             "Byte limit of the disk tier in GB; least recently used chunks are removed above it."),
+        _Key("remote_url", None, _parse_remote_url, "redis://[:password@]host:port/db, rediss://… (TLS), or null",
+             "Redis or Valkey server shared by several engines; unset means no remote tier."),
+        _Key("remote_timeout", 0.5, _parse_seconds, "a number of seconds > 0",
+             "Longest time any remote operation may take before the request falls back to recompute."),
+        _Key("remote_ttl", None, _parse_optional_seconds, "a number of seconds > 0, or null for no expiry",
+             "Expiry of chunks written to the remote tier."),
+        _Key("save_decode_cache", False, _parse_bool, "true or false",
+             "Also store chunks made of generated tokens, not only the prompt."),
+        _Key("copy_backend", "auto", _parse_copy_backend, "auto, cuda or torch",
+             "GPU copy path: the CUDA extension, the portable torch path, or auto (CUDA when it loads)."),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration. Build it with :func:`load_settings`."""
+
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_url: str | None = None
+    remote_timeout: float = 0.5
+    remote_ttl: float | None = None
+    save_decode_cache: bool = False
+    copy_backend: str = "auto"
+    #: where each value came from: "default", "file:<path>", "env:<NAME>" or "kv_connector_extra_config"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def cpu_pool_bytes(self) -> int:
+        return int(self.max_local_cpu_size * 1e9)
+
+    @property
+    def disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * 1e9)
+
+    @property
+    def remote_password(self) -> str | None:
+        """Password for the remote tier: ``KVOFFLOAD_REMOTE_PASSWORD`` wins over the URL's. Never logged."""
+        return os.environ.get(PASSWORD_ENV) or (urlparse(self.remote_url).password if self.remote_url else None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with any password in ``remote_url`` masked, for logs and the CLI."""
+        values = self.as_dict()
+        if self.remote_url:
+            values["remote_url"] = redact_url(self.remote_url)
+        return values
+
+
+def redact_url(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    lowered = key.lower()
+    if lowered in LMCACHE_ONLY_KEYS:
+        return ConfigError(
+            f"{key!r} (from {source}) turns on {LMCACHE_ONLY_KEYS[lowered]}, an LMCache feature that kvoffload "
+            f"does not have; remove the key"
+        )
+    hint = difflib.get_close_matches(lowered, KEYS, n=1)
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"unknown setting {key!r} (from {source}){did_you_mean} Known settings: {', '.join(KEYS)}")
+
+
+def _parse_value(key: str, value: Any, source: str) -> Any:
+    spec = KEYS[key]
+    try:
+        return spec.parse(key, value)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"invalid value {value!r} for {key!r} (from {source}): expected {spec.accepted}"
+        ) from None
+
+
+def _read_yaml(path_str: str, env_name: str) -> dict[str, Any]:
+    path = Path(path_str).expanduser()
+    source = f"{env_name}={path_str}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path} named by {source}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the config file {path} (from {source}) is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config file {path} (from {source}) must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _collect(raw: Mapping[str, Any], source: str, values: dict[str, Any], sources: dict[str, str],
+             lmcache: bool) -> None:
+    for key, value in raw.items():
+        name = str(key).lower()
+        if name.startswith("kvoffload."):
+            name = name[len("kvoffload."):]
+        if lmcache and name in LMCACHE_NOOP_KEYS:
+            continue
+        if name not in KEYS:
+            raise _unknown_key_error(str(key), source)
+        values[name] = _parse_value(name, value, source)
+        sources[name] = source
+
+
+def load_settings(
+    extra_config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the effective :class:`Settings` from the file, the environment and ``extra_config``."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {name: "default" for name in KEYS}
+    used_lmcache: list[str] = []
+
+    for env_name, lmcache in ((LMCACHE_CONFIG_FILE_ENV, True), (CONFIG_FILE_ENV, False)):
+        if env.get(env_name):
+            data = _read_yaml(env[env_name], env_name)
+            _collect(data, f"file:{env[env_name]}", values, sources, lmcache)
+            if lmcache:
+                used_lmcache.append(env_name)
+
+    # LMCACHE_* first so that a KVOFFLOAD_* variable for the same key wins.
+    for prefix, lmcache in ((LMCACHE_ENV_PREFIX, True), (ENV_PREFIX, False)):
+        for env_name in sorted(env):
+            if not env_name.startswith(prefix) or env_name in _NON_SETTING_ENV:
+                continue
+            name = env_name[len(prefix):].lower()
+            if lmcache and name in LMCACHE_NOOP_KEYS:
+                used_lmcache.append(env_name)
+                continue
+            if name not in KEYS:
+                if lmcache and name not in LMCACHE_ONLY_KEYS:
+                    # Other LMCACHE_* variables belong to LMCache itself (it may be installed too).
+                    continue
+                raise _unknown_key_error(env_name, f"environment variable {env_name}")
+            values[name] = _parse_value(name, env[env_name], f"env:{env_name}")
+            sources[name] = f"env:{env_name}"
+            if lmcache:
+                used_lmcache.append(env_name)
+
+    if extra_config:
+        _collect(extra_config, "kv_connector_extra_config", values, sources, lmcache=False)
+
+    if used_lmcache:
+        logger.info("kvoffload: reading LMCache settings %s as kvoffload settings", ", ".join(sorted(set(used_lmcache))))
+
+    settings = Settings(**values, sources=sources)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(s: Settings) -> None:
+    if s.local_disk is not None and s.max_local_disk_size <= 0:
+        raise ConfigError(
+            f"local_disk is set to {s.local_disk!r} (from {s.sources['local_disk']}) but max_local_disk_size is "
+            f"{s.max_local_disk_size} (from {s.sources['max_local_disk_size']}): expected a number of GB > 0"
+        )
+    if s.max_local_cpu_size <= 0:
+        # The pool is also the staging buffer of the disk and remote tiers, so it is never optional.
+        raise ConfigError(
+            f"max_local_cpu_size is {s.max_local_cpu_size} (from {s.sources['max_local_cpu_size']}): expected a "
+            f"number of GB > 0 (the host pool is also the staging buffer of the disk and remote tiers)"
+        )
+    if not s.local_cpu and s.local_disk is None and s.remote_url is None:
+        raise ConfigError(
+            "local_cpu is false and neither local_disk nor remote_url is set: kvoffload would store nothing; "
+            "enable at least one tier"
+        )

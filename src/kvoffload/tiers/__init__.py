@@ -1,0 +1,1 @@
+"""Storage tiers: the host pool (hot) and the persistent tiers behind it (disk, Redis/Valkey)."""

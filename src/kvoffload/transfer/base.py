@@ -1,0 +1,97 @@
+"""The copy path: moves whole KV pages between vLLM's paged cache and the host pool.
+
+Vocabulary
+----------
+*page*: the bytes of one vLLM block of one layer (``kv_cache_spec.page_size_bytes``). Pages are copied
+as raw bytes and never interpreted, so every layout vLLM hands a connector works the same way: per-layer
+NHD/HND tensors (0.26), strided views into one shared buffer (0.32, layer- or block-outermost), MLA, any
+dtype including fp8. The only requirement is that one block of one layer is contiguous.
+
+*pool*: a host ``uint8`` tensor of shape ``(num_slots, num_layers, pages_per_slot, page_bytes)``, pinned
+when the cache is on a GPU. A slot holds one chunk; within a slot each layer's pages are contiguous.
+
+*copy list*: three equal-length int64 CPU tensors ``block_ids``, ``slots``, ``pages``; entry *i* maps the
+vLLM block ``block_ids[i]`` (every layer of it) to page ``pages[i]`` of slot ``slots[i]``.
+
+Ordering contract (every backend)
+---------------------------------
+* ``store`` reads the KV cache after all work already queued on the current compute stream, and returns
+  without waiting for the copy.
+* ``load`` returns once work queued on the current compute stream afterwards is guaranteed to see the
+  loaded pages (the CPU may not wait for the bytes to arrive).
+* Copies issued later never overtake earlier ones that touch the same host slot: a store into a slot
+  that an earlier load reads from waits for that load.
+* ``fence()`` returns a handle for everything issued so far; ``Fence.done()`` polls, ``Fence.wait()``
+  blocks. The host bytes of a stored slot are valid once its fence is done.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+class Fence(ABC):
+    @abstractmethod
+    def done(self) -> bool: ...
+
+    @abstractmethod
+    def wait(self) -> None: ...
+
+
+class DoneFence(Fence):
+    """The fence of a synchronous backend: everything is finished when the call returns."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """vLLM's KV cache seen as pages: one ``(num_blocks, page_bytes)`` uint8 view per layer."""
+
+    layers: tuple[torch.Tensor, ...]
+    page_bytes: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+
+class CopyBackend(ABC):
+    """Moves pages between a :class:`PagedKV` and a host pool. One instance per worker."""
+
+    name: str
+
+    def __init__(self, kv: PagedKV, pool: torch.Tensor) -> None:
+        if pool.dtype != torch.uint8 or pool.dim() != 4:
+            raise ValueError("pool must be a uint8 tensor (num_slots, num_layers, pages_per_slot, page_bytes)")
+        if pool.shape[1] != kv.num_layers or pool.shape[3] != kv.page_bytes:
+            raise ValueError(f"pool shape {tuple(pool.shape)} does not match {kv.num_layers} layers "
+                             f"of {kv.page_bytes}-byte pages")
+        self.kv = kv
+        self.pool = pool
+
+    @abstractmethod
+    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        """Copy every layer of ``block_ids[i]`` into ``pool[slots[i], :, pages[i]]``."""
+
+    @abstractmethod
+    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        """Copy ``pool[slots[i], :, pages[i]]`` into every layer of ``block_ids[i]``."""
+
+    @abstractmethod
+    def fence(self) -> Fence:
+        """A handle on every copy issued so far."""
+
+    def close(self) -> None:
+        """Release streams and buffers."""

