@@ -63,6 +63,14 @@ class ChunkTier(ABC):
     def contains(self, keys: Iterable[bytes]) -> list[bool]:
         """Which of ``keys`` are present (cheap: no payload is read or verified)."""
 
+    def put_many(self, items: list[tuple[bytes, memoryview]]) -> list[PutResult]:
+        """Store several payloads; remote tiers override this with one pipelined round trip."""
+        return [self.put(key, payload) for key, payload in items]
+
+    def get_many_into(self, items: list[tuple[bytes, memoryview]]) -> list[bool]:
+        """Fetch several payloads; remote tiers override this with one pipelined round trip."""
+        return [self.get_into(key, out) for key, out in items]
+
     def drain_removed(self) -> list[bytes]:
         """Keys removed since the last call (eviction, corruption), so the scheduler's index can follow."""
         return []
