@@ -1,0 +1,122 @@
+"""Sphinx extension: render kvoffload's settings, straight from ``kvoffload.config``, into MyST tables.
+
+A page writes a marker comment on a line of its own; at ``source-read`` time the marker is replaced by
+a MyST pipe table generated from the code, so the table is parsed like hand-written Markdown: its text
+is extracted by ``sphinx-build -b gettext`` and translated through the catalogs like any other message.
+
+Markers:
+
+``<!-- kvoffload:settings-table -->``
+    every key of :data:`kvoffload.config.KEYS`: name, environment variable, type, default, accepted
+    values and meaning.
+``<!-- kvoffload:env-table -->``
+    the environment variables that are not settings (config file, password).
+``<!-- kvoffload:lmcache-refused -->`` / ``<!-- kvoffload:lmcache-ignored -->``
+    LMCache keys that kvoffload refuses (feature not available) or accepts and ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+MARKERS = ("settings-table", "env-table", "lmcache-refused", "lmcache-ignored")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value}`"
+
+
+def settings_rows() -> list[dict[str, str]]:
+    """One dict per setting, in the order of ``KEYS`` (also used by the tests)."""
+    from kvoffload import config
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(config.Settings)}
+    rows = []
+    for name, key in config.KEYS.items():
+        rows.append({
+            "name": name,
+            "env": f"{config.ENV_PREFIX}{name.upper()}",
+            "type": types.get(name, "str").replace(" | None", " or null"),
+            "default": _yaml_value(key.default),
+            "accepted": key.accepted,
+            "help": key.help,
+        })
+    return rows
+
+
+def settings_table() -> str:
+    lines = [
+        "| Setting | Environment variable | Type | Default | Accepted values | Meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in settings_rows():
+        lines.append(
+            f"| `{row['name']}` | `{row['env']}` | `{row['type']}` | {row['default']} "
+            f"| {_cell(row['accepted'])} | {_cell(row['help'])} |"
+        )
+    return "\n".join(lines)
+
+
+def env_table() -> str:
+    from kvoffload import config
+
+    meaning = {
+        config.CONFIG_FILE_ENV: "Path of a YAML file of settings (lowest precedence).",
+        config.LMCACHE_CONFIG_FILE_ENV: "Read like the previous one, for LMCache configuration files; "
+                                        "a KVOFFLOAD_CONFIG_FILE wins on conflicts.",
+        config.PASSWORD_ENV: "Password of the Redis/Valkey server; wins over a password in remote_url "
+                             "and is never logged.",
+    }
+    lines = ["| Environment variable | Meaning |", "|---|---|"]
+    for name in (config.CONFIG_FILE_ENV, config.LMCACHE_CONFIG_FILE_ENV, config.PASSWORD_ENV):
+        lines.append(f"| `{name}` | {_cell(meaning[name])} |")
+    return "\n".join(lines)
+
+
+def lmcache_refused() -> str:
+    from kvoffload import config
+
+    lines = ["| LMCache setting | LMCache feature |", "|---|---|"]
+    for name, feature in sorted(config.LMCACHE_ONLY_KEYS.items()):
+        lines.append(f"| `{name}` | {_cell(feature)} |")
+    return "\n".join(lines)
+
+
+def lmcache_ignored() -> str:
+    from kvoffload import config
+
+    return ", ".join(f"`{name}`" for name in sorted(config.LMCACHE_NOOP_KEYS))
+
+
+RENDERERS = {
+    "settings-table": settings_table,
+    "env-table": env_table,
+    "lmcache-refused": lmcache_refused,
+    "lmcache-ignored": lmcache_ignored,
+}
+
+
+def render_markers(text: str) -> str:
+    for marker, render in RENDERERS.items():
+        token = f"<!-- kvoffload:{marker} -->"
+        if token in text:
+            text = text.replace(token, render())
+    return text
+
+
+def _source_read(app, docname: str, source: list[str]) -> None:
+    source[0] = render_markers(source[0])
+
+
+def setup(app):
+    app.connect("source-read", _source_read)
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
