@@ -1,0 +1,511 @@
+"""The local disk tier: one self-describing file per chunk, an in-memory LRU index rebuilt at start.
+
+Layout: ``<root>/<fingerprint.hex()[:16]>/<key.hex()[:2]>/<key.hex()>.kvo``. The namespace directory
+keeps models (and TP ranks) apart, so a shared ``local_disk`` never mixes them and ``kvoffload cache
+ls`` can tell them apart without opening a file. The two-hex-digit fan-out keeps directories small.
+
+Each file is :data:`HEADER_SIZE` bytes of header (see :func:`pack_header`) followed by the payload. The
+header repeats the full key and fingerprint, so a file copied or renamed into the wrong place, written by
+another model, or hit by a 64-bit prefix collision of the directory name is detected, not served.
+
+Why the choices:
+
+* Writes go to a temporary name in the final directory and are published with ``os.replace``, so a
+  reader sees either no file or a whole one, and a crash leaves only a temporary file that the next
+  start removes.
+* No ``fsync``: this is a cache. After a power loss a renamed file may hold fewer bytes than its header
+  says; the length and checksum checks turn that into a miss (the request recomputes). Paying a device
+  flush per chunk on the store path would buy nothing else.
+* The index (sizes and mtimes) is rebuilt by listing the namespace directory at start, so files survive
+  a restart and count against the byte limit (LMCache's disk index is memory-only; its files are
+  neither reused nor cleaned up). Files are not opened at start: they are verified when read.
+* A read refreshes the file's mtime, so the LRU order survives a restart too.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import xxhash
+
+from kvoffload.config import ConfigError
+from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"KVOC"
+#: Version of the entry layout (this header), independent of the KV format inside the fingerprint.
+HEADER_VERSION = 1
+# magic, header version, reserved, key, fingerprint, payload length, xxh3-128 of the payload
+_HEADER_BODY = struct.Struct("<4sHH32s32sQ16s")
+_HEADER_CHECK = struct.Struct("<Q")  # xxh3-64 of the header body: tells a damaged header from a foreign one
+HEADER_SIZE = _HEADER_BODY.size + _HEADER_CHECK.size
+
+SUFFIX = ".kvo"
+_TMP_MARK = ".tmp."
+#: A temporary file older than this at start belongs to a writer that died (a chunk takes well under a second).
+_STALE_TMP_SECONDS = 60.0
+
+
+class BadEntry(ValueError):
+    """An entry that must not be served; the message says why (for logs and ``cache verify``)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    key: bytes
+    fingerprint: bytes
+    length: int
+    checksum: bytes
+
+
+def pack_header(key: bytes, fingerprint: bytes, payload: memoryview) -> bytes:
+    """The header of an entry holding ``payload``; shared by the disk and Redis tiers."""
+    body = _HEADER_BODY.pack(MAGIC, HEADER_VERSION, 0, key, fingerprint, payload.nbytes,
+                             xxhash.xxh3_128_digest(payload))
+    return body + _HEADER_CHECK.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def unpack_header(data: bytes | memoryview) -> Header:
+    """Parse and check a header on its own (magic, version, its own checksum); raise :class:`BadEntry`."""
+    if len(data) < HEADER_SIZE:
+        raise BadEntry(f"truncated header ({len(data)} of {HEADER_SIZE} bytes)")
+    body = data[:_HEADER_BODY.size]
+    magic, version, _reserved, key, fingerprint, length, checksum = _HEADER_BODY.unpack(body)
+    if magic != MAGIC:
+        raise BadEntry("not a kvoffload entry (bad magic)")
+    if version != HEADER_VERSION:
+        raise BadEntry(f"entry format version {version}, this kvoffload reads {HEADER_VERSION}")
+    (check,) = _HEADER_CHECK.unpack(data[_HEADER_BODY.size:HEADER_SIZE])
+    if check != xxhash.xxh3_64_intdigest(body):
+        raise BadEntry("header checksum mismatch")
+    return Header(key, fingerprint, length, checksum)
+
+
+def check_header(header: Header, key: bytes, fingerprint: bytes, length: int) -> None:
+    """Raise :class:`BadEntry` unless ``header`` describes exactly the entry the caller asked for."""
+    if header.key != key:
+        raise BadEntry("header names another chunk key")
+    if header.fingerprint != fingerprint:
+        raise BadEntry("header names another storage fingerprint (model, layout or TP rank)")
+    if header.length != length:
+        raise BadEntry(f"payload length {header.length}, expected {length}")
+
+
+def _byte_view(buf: memoryview) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class _OnceLog:
+    """Logs the first failure of each kind only: a full disk would otherwise log once per chunk."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        with self._lock:
+            if kind in self._seen:
+                return
+            self._seen.add(kind)
+        logger.warning(msg + " (further failures of this kind are only counted in the tier's stats)", *args)
+
+
+class DiskTier(ChunkTier):
+    """Chunks as files under ``root``, LRU-evicted by bytes (headers included) above ``max_bytes``."""
+
+    name = "disk"
+
+    def __init__(self, root: str, fingerprint: bytes, max_bytes: int) -> None:
+        if len(fingerprint) != 32:
+            raise ValueError(f"fingerprint must be 32 bytes, got {len(fingerprint)}")
+        if max_bytes <= 0:
+            raise ConfigError(f"max_local_disk_size must be > 0 for the disk tier at {root}, got {max_bytes} bytes")
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.max_bytes = max_bytes
+        self.stats = TierStats()
+        self.namespace_dir = self.root / fingerprint.hex()[:16]
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, least recently used first
+        self._pending: set[bytes] = set()  # keys being written
+        self._used = 0  # bytes of indexed files plus reservations of writes in flight
+        self._removed: list[bytes] = []
+        self._log = _OnceLog()
+        _prepare_dir(self.namespace_dir, root)
+        self._load_index()
+
+    # ---------------------------------------------------------------- start-up
+
+    def _load_index(self) -> None:
+        found: list[tuple[float, bytes, int]] = []
+        now = time.time()
+        for sub in _scandir_dirs(self.namespace_dir):
+            for entry in _scandir_files(sub.path):
+                key = _key_from_name(entry.name)
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                if key is not None:
+                    found.append((st.st_mtime, key, st.st_size))
+                elif _TMP_MARK in entry.name and now - st.st_mtime > _STALE_TMP_SECONDS:
+                    _unlink_quietly(entry.path)
+        found.sort()
+        for _mtime, key, size in found:
+            self._index[key] = size
+            self._used += size
+        with self._lock:
+            victims = self._evict_locked(0)
+        self._delete_files(victims)
+        logger.info("kvoffload disk tier at %s: %d chunks, %.3f of %.3f GB", self.namespace_dir,
+                    len(self._index), self._used / 1e9, self.max_bytes / 1e9)
+
+    # ---------------------------------------------------------------- ChunkTier
+
+    def put(self, key: bytes, payload: memoryview) -> PutResult:
+        payload = _byte_view(payload)
+        size = HEADER_SIZE + payload.nbytes
+        with self._lock:
+            if key in self._index:  # keys name their content: the stored bytes are already these
+                self._index.move_to_end(key)
+                return PutResult.STORED
+            if key in self._pending or size > self.max_bytes:
+                self.stats.skipped_writes += 1
+                return PutResult.SKIPPED
+            victims = self._evict_locked(size)
+            if self._used + size > self.max_bytes:  # the rest is reserved by writes in flight
+                self.stats.skipped_writes += 1
+                return PutResult.SKIPPED
+            self._used += size
+            self._pending.add(key)
+        self._delete_files(victims)
+
+        path = self._path(key)
+        tmp = f"{path}{_TMP_MARK}{os.getpid()}.{threading.get_ident()}"
+        start = time.perf_counter()
+        try:
+            header = pack_header(key, self.fingerprint, payload)
+            os.makedirs(path.parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+            os.replace(tmp, path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            with self._lock:
+                self._pending.discard(key)
+                self._used -= size
+                self.stats.errors += 1
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            self._log.warning(f"write:{name}", "kvoffload disk tier: cannot write chunks under %s: %s (%s); "
+                              "chunks are not stored on disk until this is fixed", self.namespace_dir,
+                              exc.strerror or exc, name)
+            return PutResult.FAILED
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self._pending.discard(key)
+            self._index[key] = size
+            self.stats.bytes_written += payload.nbytes
+            self.stats.write_seconds += elapsed
+        return PutResult.STORED
+
+    def get_into(self, key: bytes, out: memoryview) -> bool:
+        out = _byte_view(out)
+        with self._lock:
+            if key not in self._index:
+                self.stats.misses += 1
+                return False
+        path = self._path(key)
+        start = time.perf_counter()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                header = unpack_header(f.read(HEADER_SIZE))
+                check_header(header, key, self.fingerprint, out.nbytes)
+                if os.fstat(f.fileno()).st_size != HEADER_SIZE + out.nbytes:
+                    raise BadEntry("file size does not match the header (truncated or extended)")
+                _read_exactly(f, out)
+            if xxhash.xxh3_128_digest(out) != header.checksum:
+                raise BadEntry("payload checksum mismatch")
+        except FileNotFoundError:  # removed behind our back (cache clear): a plain miss
+            self._forget(key, path, delete=False)
+            with self._lock:
+                self.stats.misses += 1
+            return False
+        except BadEntry as exc:
+            self._forget(key, path, delete=True)
+            with self._lock:
+                self.stats.corrupt += 1
+                self.stats.misses += 1
+            self._log.warning(f"corrupt:{exc}", "kvoffload disk tier: removed %s: %s; the request recomputes "
+                              "this chunk", path, exc)
+            return False
+        except OSError as exc:
+            self._forget(key, path, delete=True)
+            with self._lock:
+                self.stats.errors += 1
+                self.stats.misses += 1
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            self._log.warning(f"read:{name}", "kvoffload disk tier: cannot read %s: %s (%s); removed it, the "
+                              "request recomputes this chunk", path, exc.strerror or exc, name)
+            return False
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+            self.stats.hits += 1
+            self.stats.bytes_read += out.nbytes
+            self.stats.read_seconds += elapsed
+        try:
+            os.utime(path)  # keeps the LRU order across restarts
+        except OSError:
+            pass
+        return True
+
+    def contains(self, keys: Iterable[bytes]) -> list[bool]:
+        with self._lock:
+            return [key in self._index for key in keys]
+
+    def drain_removed(self) -> list[bytes]:
+        with self._lock:
+            removed, self._removed = self._removed, []
+        return removed
+
+    # ---------------------------------------------------------------- internals
+
+    def _path(self, key: bytes) -> Path:
+        name = key.hex()
+        return self.namespace_dir / name[:2] / f"{name}{SUFFIX}"
+
+    def _evict_locked(self, incoming: int) -> list[Path]:
+        """Drop least recently used entries until ``incoming`` more bytes fit; returns files to delete."""
+        victims: list[Path] = []
+        while self._index and self._used + incoming > self.max_bytes:
+            key, size = self._index.popitem(last=False)
+            self._used -= size
+            self._removed.append(key)
+            self.stats.evictions += 1
+            victims.append(self._path(key))
+        return victims
+
+    def _delete_files(self, paths: list[Path]) -> None:
+        for path in paths:  # outside the lock; a reader holding the file open keeps reading it
+            _unlink_quietly(path)
+
+    def _forget(self, key: bytes, path: Path, delete: bool) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return
+            self._used -= size
+            self._removed.append(key)
+        if delete:
+            _unlink_quietly(path)
+
+
+# -------------------------------------------------------------------- filesystem helpers
+
+
+def _prepare_dir(path: Path, root: str) -> None:
+    """Create ``path`` and prove it is writable, so a bad ``local_disk`` fails at start, not per chunk."""
+    root_path = Path(root)
+    if root_path.exists() and not root_path.is_dir():
+        raise ConfigError(f"local_disk {root!r} is not a directory; point it at a directory (or remove the file)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the disk tier directory {path} (local_disk {root!r}): "
+                          f"{exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise ConfigError(f"{path} (under local_disk {root!r}) is not a directory")
+    probe = path / f".probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+        os.unlink(probe)
+    except OSError as exc:
+        _unlink_quietly(probe)
+        raise ConfigError(f"the disk tier directory {path} (local_disk {root!r}) is not writable: "
+                          f"{exc.strerror or exc}") from None
+
+
+def _read_exactly(f, out: memoryview) -> None:
+    done = 0
+    while done < out.nbytes:
+        n = f.readinto(out[done:])
+        if not n:
+            raise BadEntry("file shorter than its header says (truncated)")
+        done += n
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _scandir_dirs(path: str | Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _scandir_files(path: str | Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return [e for e in it if e.is_file(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
+def _key_from_name(name: str) -> bytes | None:
+    stem = name[:-len(SUFFIX)] if name.endswith(SUFFIX) else ""
+    return bytes.fromhex(stem) if _is_hex(stem, 64) else None
+
+
+def _namespace_dirs(root: str | Path) -> list[os.DirEntry]:
+    return [d for d in _scandir_dirs(root) if _is_hex(d.name, 16)]
+
+
+# -------------------------------------------------------------------- scheduler and CLI helpers
+
+
+def list_disk_keys(root: str, fingerprint: bytes) -> set[bytes]:
+    """Keys stored for ``fingerprint`` under ``root``, from file names alone (no open, no stat).
+
+    For the scheduler process, which needs to know what exists but never reads payloads.
+    """
+    keys: set[bytes] = set()
+    for sub in _scandir_dirs(Path(root) / fingerprint.hex()[:16]):
+        for entry in _scandir_files(sub.path):  # the directory entry's type: no stat on common filesystems
+            key = _key_from_name(entry.name)
+            if key is not None:
+                keys.add(key)
+    return keys
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    namespace: str  # the 16-hex-digit fingerprint prefix
+    key: bytes
+    bytes: int
+    mtime: float
+
+
+def _entry_files(root: str | Path) -> Iterable[tuple[str, os.DirEntry]]:
+    for ns in _namespace_dirs(root):
+        for sub in _scandir_dirs(ns.path):
+            for entry in _scandir_files(sub.path):
+                yield ns.name, entry
+
+
+def scan(root: str) -> list[DiskEntry]:
+    """Every chunk file under ``root``, of every namespace (model/rank)."""
+    entries: list[DiskEntry] = []
+    for namespace, entry in _entry_files(root):
+        key = _key_from_name(entry.name)
+        if key is None:
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        entries.append(DiskEntry(namespace, key, st.st_size, st.st_mtime))
+    return entries
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    removed: int = 0
+
+
+def _verify_file(path: str, namespace: str, key: bytes) -> None:
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        header = unpack_header(f.read(HEADER_SIZE))
+        if header.key != key:
+            raise BadEntry("header names another chunk key than the file name")
+        if header.fingerprint.hex()[:16] != namespace:
+            raise BadEntry("header names another storage fingerprint than the directory")
+        if os.fstat(f.fileno()).st_size != HEADER_SIZE + header.length:
+            raise BadEntry("file size does not match the header (truncated or extended)")
+        while block := f.read(1 << 22):
+            hasher.update(block)
+    if hasher.digest() != header.checksum:
+        raise BadEntry("payload checksum mismatch")
+
+
+def verify(root: str, fix: bool) -> VerifyReport:
+    """Check every chunk file's header and checksum; with ``fix``, remove the bad ones.
+
+    Without the fingerprint of a running engine this checks self-consistency only: the header's key
+    matches the file name, its fingerprint matches the directory, the length and the checksum hold.
+    """
+    report = VerifyReport()
+    for namespace, entry in _entry_files(root):
+        key = _key_from_name(entry.name)
+        if key is None:
+            continue
+        report.checked += 1
+        try:
+            _verify_file(entry.path, namespace, key)
+        except FileNotFoundError:
+            report.checked -= 1  # removed while we looked (an engine evicted it)
+            continue
+        except (BadEntry, OSError) as exc:
+            report.bad.append((entry.path, str(exc)))
+            if fix:
+                try:
+                    os.unlink(entry.path)
+                    report.removed += 1
+                except FileNotFoundError:
+                    report.removed += 1
+                except OSError:
+                    pass
+    return report
+
+
+def clear(root: str) -> int:
+    """Remove every kvoffload chunk and temporary file under ``root``; returns the number of files removed.
+
+    Only files named like ours inside namespace directories are touched, so a ``local_disk`` that points
+    at a directory holding other data loses nothing else.
+    """
+    removed = 0
+    for ns in _namespace_dirs(root):
+        for sub in _scandir_dirs(ns.path):
+            for entry in _scandir_files(sub.path):
+                if _key_from_name(entry.name) is not None or _TMP_MARK in entry.name:
+                    try:
+                        os.unlink(entry.path)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+            try:
+                os.rmdir(sub.path)
+            except OSError:
+                pass
+        try:
+            os.rmdir(ns.path)
+        except OSError:
+            pass
+    return removed

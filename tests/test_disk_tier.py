@@ -1,0 +1,253 @@
+"""The disk tier: round trip, restart, every kind of bad file, start-up checks, run-time failures, LRU."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kvoffload.config import ConfigError
+from kvoffload.tiers import disk
+from kvoffload.tiers.base import PutResult
+from kvoffload.tiers.disk import HEADER_SIZE, DiskTier, list_disk_keys
+
+FP = bytes(range(32))
+OTHER_FP = bytes(range(1, 33))
+CHUNK = 4096
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def payload(i: int, size: int = CHUNK) -> memoryview:
+    return memoryview(bytes((i + j) % 251 for j in range(size)))
+
+
+def path_of(root: Path, k: bytes, fp: bytes = FP) -> Path:
+    return root / fp.hex()[:16] / k.hex()[:2] / f"{k.hex()}.kvo"
+
+
+def read(tier: DiskTier, k: bytes, size: int = CHUNK) -> bytes | None:
+    out = bytearray(size)
+    return bytes(out) if tier.get_into(k, memoryview(out)) else None
+
+
+def test_round_trip_and_layout(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    assert tier.put(key(1), payload(1)) is PutResult.STORED
+    assert read(tier, key(1)) == bytes(payload(1))
+    assert path_of(tmp_path, key(1)).stat().st_size == HEADER_SIZE + CHUNK
+    assert tier.contains([key(1), key(2)]) == [True, False]
+    assert read(tier, key(2)) is None
+    assert (tier.stats.hits, tier.stats.misses, tier.stats.bytes_written) == (1, 1, CHUNK)
+    assert list_disk_keys(str(tmp_path), FP) == {key(1)}
+    assert list_disk_keys(str(tmp_path), OTHER_FP) == set()
+
+
+def test_restart_finds_old_chunks_and_cleans_stale_temp_files(tmp_path: Path) -> None:
+    first = DiskTier(str(tmp_path), FP, 10**6)
+    first.put(key(1), payload(1))
+    first.put(key(2), payload(2))
+    first.close()
+    sub = path_of(tmp_path, key(1)).parent
+    stale, fresh = sub / f"{key(1).hex()}.kvo.tmp.1.1", sub / f"{key(3).hex()}.kvo.tmp.1.2"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+
+    second = DiskTier(str(tmp_path), FP, 10**6)
+    assert second.contains([key(1), key(2), key(3)]) == [True, True, False]
+    assert read(second, key(2)) == bytes(payload(2))
+    assert not stale.exists()
+    assert fresh.exists()  # may belong to a live writer in another process
+
+
+def test_truncated_file_is_a_miss_and_removed(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    tier.put(key(1), payload(1))
+    p = path_of(tmp_path, key(1))
+    os.truncate(p, HEADER_SIZE + CHUNK - 10)
+    assert read(tier, key(1)) is None
+    assert not p.exists()
+    assert tier.stats.corrupt == 1
+    assert tier.contains([key(1)]) == [False]
+    assert tier.drain_removed() == [key(1)]
+
+
+def test_flipped_payload_byte_is_a_miss_and_removed(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    tier.put(key(1), payload(1))
+    p = path_of(tmp_path, key(1))
+    data = bytearray(p.read_bytes())
+    data[HEADER_SIZE + 100] ^= 0x01
+    p.write_bytes(data)
+    assert read(tier, key(1)) is None
+    assert not p.exists() and tier.stats.corrupt == 1
+
+
+def test_file_of_another_fingerprint_is_a_miss_and_removed(tmp_path: Path) -> None:
+    other = DiskTier(str(tmp_path / "other"), OTHER_FP, 10**6)
+    other.put(key(1), payload(1))
+    p = path_of(tmp_path, key(1))
+    p.parent.mkdir(parents=True)
+    path_of(tmp_path / "other", key(1), OTHER_FP).rename(p)  # a foreign file in our namespace directory
+
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    assert tier.contains([key(1)]) == [True]  # listing trusts names; the read checks the header
+    assert read(tier, key(1)) is None
+    assert not p.exists() and tier.stats.corrupt == 1
+
+
+def test_header_for_another_key_is_a_miss_and_removed(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    tier.put(key(2), payload(2))
+    p = path_of(tmp_path, key(1))
+    os.makedirs(p.parent, exist_ok=True)
+    path_of(tmp_path, key(2)).rename(p)
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    assert read(tier, key(1)) is None
+    assert not p.exists() and tier.stats.corrupt == 1
+
+
+def test_wrong_expected_length_is_a_miss(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    tier.put(key(1), payload(1))
+    assert read(tier, key(1), CHUNK // 2) is None
+    assert tier.stats.corrupt == 1
+
+
+def test_root_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        DiskTier(str(f), FP, 10**6)
+    with pytest.raises(ConfigError, match="cannot create"):
+        DiskTier(str(f / "below"), FP, 10**6)
+
+
+def _mount_read_only_tmpfs(target: Path) -> bool:
+    target.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+                          capture_output=True).returncode == 0
+
+
+def test_read_only_root_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mount when the sandbox allows mounting; otherwise EROFS is simulated on ``open``.
+
+    As root, chmod does not block writes, so a chmod'ed directory would prove nothing.
+    """
+    target = tmp_path / "ro"
+    if _mount_read_only_tmpfs(target):
+        try:
+            with pytest.raises(ConfigError, match="cannot create|not writable"):
+                DiskTier(str(target), FP, 10**6)
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+        return
+    real_open = open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only_open)
+    with pytest.raises(ConfigError, match="not writable.*Read-only file system"):
+        DiskTier(str(target), FP, 10**6)
+
+
+def test_disk_full_at_run_time_fails_soft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A 16 KiB tmpfs fills up for real when the sandbox allows mounting; otherwise ENOSPC is simulated."""
+    target = tmp_path / "small"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(target)],
+                             capture_output=True).returncode == 0
+    try:
+        tier = DiskTier(str(target), FP, 10**6)
+        if not mounted:
+            def full(src, dst):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(disk.os, "replace", full)
+        with caplog.at_level(logging.WARNING, logger="kvoffload.tiers.disk"):
+            results = [tier.put(key(i), payload(i)) for i in range(8)]
+        assert PutResult.FAILED in results and set(results) <= {PutResult.STORED, PutResult.FAILED}
+        assert tier.stats.errors == results.count(PutResult.FAILED) >= 2
+        assert tier.contains([key(i) for i in range(8)]) == [r is PutResult.STORED for r in results]
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1 and "ENOSPC" in messages[0] and not caplog.records[0].exc_info
+        assert not [p for p in target.rglob("*") if ".tmp." in p.name]
+        stored = [i for i, r in enumerate(results) if r is PutResult.STORED]
+        assert all(read(tier, key(i)) == bytes(payload(i)) for i in stored)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(target)], check=True)
+
+
+def test_lru_eviction_by_bytes(tmp_path: Path) -> None:
+    entry = HEADER_SIZE + CHUNK
+    tier = DiskTier(str(tmp_path), FP, 3 * entry)
+    for i in range(3):
+        tier.put(key(i), payload(i))
+    assert read(tier, key(0)) is not None  # 0 becomes the most recently used
+    assert tier.put(key(3), payload(3)) is PutResult.STORED
+    assert tier.contains([key(0), key(1), key(2), key(3)]) == [True, False, True, True]
+    assert not path_of(tmp_path, key(1)).exists()
+    assert tier.stats.evictions == 1
+    assert tier.drain_removed() == [key(1)]
+    assert tier.drain_removed() == []
+
+    os.utime(path_of(tmp_path, key(2)), (1, 1))  # oldest mtime: evicted first after a restart
+    restarted = DiskTier(str(tmp_path), FP, 2 * entry)  # a smaller limit evicts at start
+    assert restarted.contains([key(0), key(2), key(3)]) == [True, False, True]
+
+
+def test_chunk_bigger_than_the_limit_is_skipped(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, CHUNK)  # the header does not fit next to the payload
+    assert tier.put(key(1), payload(1)) is PutResult.SKIPPED
+    assert tier.stats.skipped_writes == 1 and tier.stats.errors == 0
+
+
+def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    entry = HEADER_SIZE + CHUNK
+    tier = DiskTier(str(tmp_path), FP, 20 * entry)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: tier.put(key(i), payload(i)), range(60)))
+        results = list(pool.map(lambda i: read(tier, key(i)), range(60)))
+    assert all(r is None or r == bytes(payload(i)) for i, r in enumerate(results))
+    assert tier.stats.corrupt == 0 and tier.stats.errors == 0
+    files = [p for p in tmp_path.rglob("*.kvo")]
+    assert len(files) == sum(tier.contains([key(i) for i in range(60)])) <= 20
+
+
+def test_cli_helpers_scan_verify_clear(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    for i in range(3):
+        tier.put(key(i), payload(i))
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    entries = disk.scan(str(tmp_path))
+    assert sorted(e.key for e in entries) == [key(0), key(1), key(2)]
+    assert {e.namespace for e in entries} == {FP.hex()[:16]}
+
+    p = path_of(tmp_path, key(1))
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(data)
+    report = disk.verify(str(tmp_path), fix=False)
+    assert report.checked == 3 and [b[0] for b in report.bad] == [str(p)] and report.removed == 0
+    assert p.exists()
+    report = disk.verify(str(tmp_path), fix=True)
+    assert report.removed == 1 and not p.exists()
+    assert disk.verify(str(tmp_path), fix=False).bad == []
+
+    assert disk.clear(str(tmp_path)) == 2
+    assert disk.scan(str(tmp_path)) == []
+    assert (tmp_path / "unrelated.txt").read_text() == "keep me"
