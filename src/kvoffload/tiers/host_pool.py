@@ -1,0 +1,95 @@
+"""Worker-side host pool: one exact-size buffer of chunk slots, pinned in the background on CUDA.
+
+Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator rounds up to a power of two
+(1.78x the host memory for some sizes) and pins on the calling thread, which for a 15 GB pool blocks
+engine start for seconds. Instead the buffer is allocated unpinned (the kernel maps pages lazily, so
+nothing is touched yet), and a background thread touches it and registers it with
+``cudaHostRegister`` in pieces. Until that finishes the pool reports ``ready`` False and the worker
+skips stores (counted), so serving starts at once. Host memory used is the pool's exact size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_REGISTER_PIECE = 1 << 30  # cudaHostRegister of very large ranges is slow or fails; register 1 GiB pieces
+
+
+class HostPool:
+    def __init__(self, num_slots: int, num_layers: int, pages_per_slot: int, page_bytes: int,
+                 pin: bool) -> None:
+        self.shape = (num_slots, num_layers, pages_per_slot, page_bytes)
+        self.tensor = torch.empty(self.shape, dtype=torch.uint8)
+        self.nbytes = self.tensor.numel()
+        self.pin_seconds: float | None = None
+        self._registered: list[tuple[int, int]] = []
+        self._ready = threading.Event()
+        if pin and self.nbytes:
+            self._thread = threading.Thread(target=self._pin, name="kvoffload-pin", daemon=True)
+            self._thread.start()
+        else:
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def payload(self, slot: int, num_pages: int) -> memoryview:
+        """The bytes a persistent tier stores for a chunk: every layer's first ``num_pages`` pages.
+
+        A whole slot is one contiguous range and is returned without a copy; a partial chunk's pages are
+        strided by layer, so they are gathered into a new buffer.
+        """
+        if num_pages == self.shape[2]:
+            return memoryview(self.tensor[slot].numpy()).cast("B")
+        return memoryview(self.tensor[slot, :, :num_pages].contiguous().numpy()).cast("B")
+
+    def fill(self, slot: int, num_pages: int, read: Callable[[memoryview], bool]) -> bool:
+        """Let ``read`` fill a chunk's payload straight into the slot (through a buffer when partial)."""
+        if num_pages == self.shape[2]:
+            return read(memoryview(self.tensor[slot].numpy()).cast("B"))
+        staging = torch.empty((self.shape[1], num_pages, self.shape[3]), dtype=torch.uint8)
+        if not read(memoryview(staging.numpy()).cast("B")):
+            return False
+        self.tensor[slot, :, :num_pages].copy_(staging)
+        return True
+
+    def _pin(self) -> None:
+        start = time.perf_counter()
+        cudart = torch.cuda.cudart()
+        base = self.tensor.data_ptr()
+        try:
+            for offset in range(0, self.nbytes, _REGISTER_PIECE):
+                size = min(_REGISTER_PIECE, self.nbytes - offset)
+                self.tensor.view(-1)[offset:offset + size:4096].zero_()  # fault pages in before registering
+                err = cudart.cudaHostRegister(base + offset, size, 0)
+                if int(err) != 0:
+                    raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")
+                self._registered.append((base + offset, size))
+        except Exception as exc:  # pinning is an optimisation; without it the pool stays off
+            logger.warning("kvoffload: could not pin %.1f GB of host memory (%s); CPU offloading is disabled. "
+                           "Lower max_local_cpu_size or raise the locked-memory limit (ulimit -l).",
+                           self.nbytes / 1e9, exc)
+            return
+        self.pin_seconds = time.perf_counter() - start
+        logger.info("kvoffload: pinned %.2f GB host pool in %.2f s", self.nbytes / 1e9, self.pin_seconds)
+        self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def close(self) -> None:
+        if self._registered:
+            if hasattr(self, "_thread"):
+                self._thread.join()
+            cudart = torch.cuda.cudart()
+            for ptr, _ in self._registered:
+                cudart.cudaHostUnregister(ptr)
+            self._registered.clear()

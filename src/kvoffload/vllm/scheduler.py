@@ -1,0 +1,416 @@
+"""Scheduler side: decides what to load, store and prefetch. Never touches KV bytes.
+
+Runs inside vLLM's EngineCore process. It answers vLLM's question "how many prompt tokens can you
+provide?" from its :class:`~kvoffload.tiers.host_index.HostIndex` (and, for prefixes on disk or in
+Redis, by starting a prefetch into the host pool and answering "ask me again"), and each step turns
+vLLM's scheduler output into a :class:`~kvoffload.vllm.plan.StepPlan` for the workers: which blocks to
+copy to which slots (stores), which slots to copy into which blocks (loads), which chunks to read from
+the persistent tiers (prefetches). Workers report back what finished; only then does a slot become
+loadable, so a hit is always on bytes that are proven present.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvoffload.config import ConfigError, Settings
+from kvoffload.keys import ModelFingerprint, chunk_keys, request_namespace
+from kvoffload.tiers.host_index import HostIndex, SlotState
+from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
+from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
+from kvoffload.vllm.stats import KVOffloadStats
+
+logger = logging.getLogger("kvoffload")
+
+PREFETCH_TIMEOUT_S = 30.0  # a request waits at most this long for its prefix to come from disk/remote
+
+
+class UnsupportedModel(ValueError):
+    """The model's KV cache is of a kind kvoffload cannot offload (hybrid, several groups, pipeline parallel)."""
+
+
+@dataclass
+class _Request:
+    request: Any
+    namespace: bytes
+    prompt_keys: list[bytes]  # keys of the prompt's whole chunks
+    tail_key: bytes | None  # key of the prompt's last, partial chunk
+    decode_keys: list[bytes] = field(default_factory=list)  # whole chunks beyond the prompt
+    block_ids: list[int] = field(default_factory=list)
+    next_chunk: int = 0
+    tail_done: bool = False
+    stored_any: bool = False
+    hit: tuple[int, int] | None = None  # (first, end) token range promised to vLLM
+    pinned: list[bytes] = field(default_factory=list)  # chunks held for the promised load
+    waiting: set[bytes] = field(default_factory=set)  # chunks being prefetched for this request
+    wait_deadline: float = 0.0
+    prefetched: bool = False
+
+
+class OffloadScheduler:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings) -> None:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise UnsupportedModel(f"kvoffload supports models with one KV cache group, this one has {len(groups)} "
+                                   "(hybrid attention); run it without the connector")
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise UnsupportedModel("kvoffload does not support pipeline parallelism yet")
+        spec = groups[0].kv_cache_spec
+        self.settings = settings
+        self.block_size = spec.block_size
+        self.chunk_size = settings.chunk_size
+        if self.chunk_size % self.block_size:
+            raise ConfigError(
+                f"invalid value {self.chunk_size!r} for 'chunk_size' (from {settings.sources.get('chunk_size')}): "
+                f"expected a multiple of this engine's KV block size {self.block_size}"
+            )
+        self.pages_per_chunk = self.chunk_size // self.block_size
+        self.world_size = parallel.world_size
+        num_layers = len(groups[0].layer_names)
+        self.slot_bytes = num_layers * self.pages_per_chunk * spec.page_size_bytes
+        pool_bytes = settings.cpu_pool_bytes // self.world_size
+        num_slots = pool_bytes // self.slot_bytes
+        if num_slots == 0:
+            raise ConfigError(
+                f"invalid value {settings.max_local_cpu_size!r} for 'max_local_cpu_size' "
+                f"(from {settings.sources.get('max_local_cpu_size')}): one chunk of this model takes "
+                f"{self.slot_bytes * self.world_size / 1e9:.3f} GB; expected at least that"
+            )
+        model = vllm_config.model_config
+        self.fingerprint = ModelFingerprint(
+            model=str(model.model), revision=getattr(model, "revision", None), kv_dtype=str(spec.dtype),
+            num_layers=num_layers, num_kv_heads=getattr(spec, "num_kv_heads", 0),
+            head_size=getattr(spec, "head_size", 0), block_size=self.block_size,
+            page_bytes=spec.page_size_bytes, tp_size=parallel.tensor_parallel_size,
+        )
+        self.index = HostIndex(num_slots)
+        self.persistent: PersistentLookup | None = None
+        self._requests: dict[str, _Request] = {}
+        self._loads: list[RequestCopies] = []
+        self._prefetches: list[Prefetch] = []
+        self._store_ok: Counter = Counter()
+        self._store_bad: Counter = Counter()
+        self._load_done: Counter = Counter()
+        self._persist_done: Counter = Counter()
+        self._persist_ok: Counter = Counter()
+        self._prefetch_ok: Counter = Counter()
+        self._prefetch_bad: Counter = Counter()
+        self._inflight = 0  # chunks stored, persisted or prefetched and not yet reported by every worker
+        self._evictions_seen = 0
+        self.stats = KVOffloadStats()
+        logger.info("kvoffload: host pool of %d chunk slots (%.2f GB per worker, %d tokens per chunk, "
+                    "%d workers)", num_slots, num_slots * self.slot_bytes / 1e9, self.chunk_size, self.world_size)
+
+    # ---- lookup -------------------------------------------------------------------------------------
+
+    def _state(self, request: Any) -> _Request | None:
+        state = self._requests.get(request.request_id)
+        if state is not None:
+            return state
+        if request.mm_features or getattr(request, "prompt_embeds", None) is not None:
+            return None  # token ids are placeholders for images/embeddings: a key could not prove anything
+        lora = getattr(request, "lora_request", None)
+        namespace = request_namespace(self.fingerprint, request.cache_salt, lora.lora_name if lora else None)
+        keys = chunk_keys(namespace, request.prompt_token_ids, self.chunk_size)
+        whole = request.num_prompt_tokens // self.chunk_size
+        state = _Request(request=request, namespace=namespace, prompt_keys=keys[:whole],
+                         tail_key=keys[whole] if len(keys) > whole else None)
+        self._requests[request.request_id] = state
+        return state
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._state(request)
+        if state is None:
+            return 0, False
+        self._release(state)
+        chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
+
+        if state.waiting:
+            if any(self._prefetching(k) for k in state.waiting) and time.monotonic() < state.wait_deadline:
+                return None, False
+            state.waiting.clear()
+
+        hit_chunks = self._leading_ready(chain)
+        if self.persistent is not None and not state.prefetched and hit_chunks < len(chain):
+            state.prefetched = True
+            if self._start_prefetch(state, chain, hit_chunks):
+                return None, False
+
+        prompt = request.num_prompt_tokens
+        hit_tokens = min(hit_chunks * self.chunk_size, prompt, request.num_tokens - 1)
+        need = max(hit_tokens - num_computed_tokens, 0)
+        self.stats.add("lookup_requests", 1)
+        self.stats.add("lookup_tokens", prompt)
+        self.stats.add("hit_tokens", hit_tokens)
+        logger.info("Reqid: %s, Total tokens %d, kvoffload hit tokens: %d, need to load: %d",
+                    request.request_id, request.num_tokens, hit_tokens, need)
+        if need == 0:
+            state.hit = None
+            return 0, False
+        state.hit = (num_computed_tokens, hit_tokens)
+        first, last = num_computed_tokens // self.chunk_size, math.ceil(hit_tokens / self.chunk_size)
+        for key in chain[first:last]:  # hold them until the workers copied them out
+            self.index.pin(key)
+            self.index.touch(key)
+            state.pinned.append(key)
+        return need, False
+
+    def _leading_ready(self, chain: list[bytes]) -> int:
+        count = 0
+        for key in chain:
+            if self.index.ready(key) is None:
+                break
+            count += 1
+        return count
+
+    def _prefetching(self, key: bytes) -> bool:
+        entry = self.index.get(key)
+        return entry is not None and entry.state is SlotState.PREFETCHING
+
+    def _start_prefetch(self, state: _Request, chain: list[bytes], first: int) -> bool:
+        """Read the chunks after the host-pool hit from disk/remote; True if the request must wait."""
+        assert self.persistent is not None
+        candidates = chain[first:]
+        present = self.persistent.count_leading([k for k in candidates])
+        for position, key in enumerate(candidates[:present]):
+            entry = self.index.get(key)
+            if entry is not None:
+                if entry.state is SlotState.PREFETCHING:
+                    state.waiting.add(key)
+                continue
+            index = first + position
+            num_pages = self.pages_per_chunk if index < len(state.prompt_keys) else math.ceil(
+                (state.request.num_prompt_tokens - index * self.chunk_size) / self.block_size)
+            entry = self.index.allocate(key, num_pages, SlotState.PREFETCHING)
+            if entry is None:
+                break
+            self._prefetches.append(Prefetch(key=key, slot=entry.slot, num_pages=num_pages))
+            self._inflight += 1
+            state.waiting.add(key)
+        state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
+        return bool(state.waiting)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return
+        if num_external_tokens == 0 or state.hit is None:
+            self._release(state)
+            return
+        first_token, end_token = state.hit
+        state.hit = None
+        block_ids = blocks.get_block_ids()[0]
+        chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
+        copies: dict[int, ChunkCopy] = {}
+        for block in range(first_token // self.block_size, math.ceil(end_token / self.block_size)):
+            chunk, page = divmod(block, self.pages_per_chunk)
+            entry = self.index.ready(chain[chunk])
+            if entry is None:  # cannot happen: pinned since the lookup; never load unproven bytes
+                raise RuntimeError(f"kvoffload: chunk {chunk} of request {request.request_id} vanished")
+            copy = copies.setdefault(chunk, ChunkCopy(key=chain[chunk], slot=entry.slot, block_ids=[],
+                                                      first_page=page, num_pages=entry.num_pages))
+            copy.block_ids.append(block_ids[block])
+        self._loads.append(RequestCopies(req_id=request.request_id, chunks=list(copies.values()),
+                                         num_tokens=end_token - first_token, total_tokens=request.num_tokens))
+        state.pinned = []  # the load owns the pins now; released when every worker reports it loaded
+
+    def _release(self, state: _Request) -> None:
+        for key in state.pinned:
+            self.index.unpin(key)
+        state.pinned = []
+
+    # ---- per step plan ------------------------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
+        plan = StepPlan(slot_bytes=self.slot_bytes, loads=self._loads, prefetches=self._prefetches)
+        self._loads, self._prefetches = [], []
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.block_ids = []
+                plan.preempted.append(req_id)
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan_stores(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id],
+                              plan)
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or set()
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in resumed:
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            self._plan_stores(state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id],
+                              plan)
+        self.stats.set("pool_used_bytes", self.index.used_slots * self.slot_bytes)
+        self.stats.set("pool_bytes", self.index.num_slots * self.slot_bytes)
+        return plan
+
+    def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
+        request = state.request
+        prompt = request.num_prompt_tokens
+        limit = computed if self.settings.save_decode_cache else min(computed, prompt)
+        persist = self.persistent is not None
+        copies: list[ChunkCopy] = []
+        tokens = 0
+        while True:
+            chunk = state.next_chunk
+            start = chunk * self.chunk_size
+            if start + self.chunk_size <= limit:
+                key, num_tokens = self._whole_key(state, chunk), self.chunk_size
+                state.next_chunk += 1
+            elif not state.tail_done and state.tail_key is not None and start < prompt <= limit:
+                key, num_tokens = state.tail_key, prompt - start
+                state.tail_done = True
+            else:
+                break
+            if self.index.get(key) is not None:
+                self.index.touch(key)
+                continue
+            num_pages = math.ceil(num_tokens / self.block_size)
+            first_block = start // self.block_size
+            block_ids = state.block_ids[first_block:first_block + num_pages]
+            if len(block_ids) < num_pages:
+                break
+            entry = self.index.allocate(key, num_pages, SlotState.STORING)
+            if entry is None:  # every slot is busy being loaded, stored or written out
+                self.stats.add("skipped_stores", 1)
+                continue
+            if persist:
+                self.index.pin(key)
+            copies.append(ChunkCopy(key=key, slot=entry.slot, block_ids=block_ids, first_page=0,
+                                    persist=persist, num_pages=num_pages))
+            tokens += num_tokens
+            self._inflight += 1 + persist
+        if copies:
+            state.stored_any = True
+            plan.stores.append(RequestCopies(req_id=request.request_id, chunks=copies, num_tokens=tokens,
+                                             total_tokens=request.num_tokens))
+
+    def _whole_key(self, state: _Request, chunk: int) -> bytes:
+        if chunk < len(state.prompt_keys):
+            return state.prompt_keys[chunk]
+        # a chunk made of generated tokens (save_decode_cache): extend the chain as tokens arrive
+        base = len(state.prompt_keys)
+        while len(state.decode_keys) <= chunk - base:
+            index = base + len(state.decode_keys)
+            parent = state.decode_keys[-1] if state.decode_keys else (
+                state.prompt_keys[-1] if state.prompt_keys else state.namespace)
+            tokens = state.request.all_token_ids[index * self.chunk_size:(index + 1) * self.chunk_size]
+            state.decode_keys.extend(chunk_keys(state.namespace, tokens, self.chunk_size, start_key=parent,
+                                                include_partial=False))
+        return state.decode_keys[chunk - base]
+
+    # ---- completion ---------------------------------------------------------------------------------
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """Keep the request's blocks until the workers finished copying out of them (``finished_sending``)."""
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False, None
+        self._release(state)
+        return state.stored_any, None
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(report, WorkerReport):
+            return
+        if report.layout is not None and self.persistent is None and self._wants_persistence():
+            self.persistent = PersistentLookup(
+                self.settings, storage_fingerprint(self.fingerprint, report.layout, rank=0,
+                                                   world_size=self.world_size))
+        for key in self._complete(self._store_ok, self._store_bad, report.stored, report.store_failed):
+            self._inflight -= 1
+            entry = self.index.get(key)
+            if key in self._store_bad:
+                self._store_bad.pop(key)
+                if entry is not None and entry.pins:
+                    self.index.unpin(key)
+                    self._inflight -= 1  # its persist will not happen
+                self.index.drop(key)
+            else:
+                self.index.mark_ready(key)
+                self.stats.add("stored_chunks", 1)
+        for key in self._complete(self._load_done, None, report.loaded, None):
+            self.index.unpin(key)
+        for key in self._complete(self._persist_done, None, report.persisted, None):
+            self._inflight -= 1
+            self.index.unpin(key)
+            ok = self._persist_ok.pop(key, 0) + report.persisted_ok.get(key, 0) >= self.world_size
+            if ok and self.persistent is not None:
+                self.persistent.add(key)
+            if not self.settings.local_cpu:
+                self.index.drop(key)
+        for key, count in report.persisted_ok.items():
+            if key in self._persist_done:
+                self._persist_ok[key] += count
+        for key in self._complete(self._prefetch_ok, self._prefetch_bad, report.prefetched, report.prefetch_failed):
+            self._inflight -= 1
+            if key in self._prefetch_bad:
+                self._prefetch_bad.pop(key)
+                self.index.drop(key)
+                if self.persistent is not None:
+                    self.persistent.discard(key)
+                self.stats.add("prefetch_failures", 1)
+            else:
+                self.index.mark_ready(key)
+                self.stats.add("prefetched_chunks", 1)
+        if self.persistent is not None:
+            for key in report.removed:
+                self.persistent.discard(key)
+
+    def _complete(self, ok: Counter, bad: Counter | None, new_ok: Counter, new_bad: Counter | None) -> list[bytes]:
+        """Keys for which every worker has now reported (success or failure); counters keep the rest."""
+        ok.update(new_ok)
+        if bad is not None and new_bad:
+            bad.update(new_bad)
+        candidates = set(new_ok) | set(new_bad or ())
+        finished = []
+        for key in candidates:
+            total = ok.get(key, 0) + (bad.get(key, 0) if bad is not None else 0)
+            if total >= self.world_size:
+                finished.append(key)
+                if total > self.world_size:  # the same key reported for two requests in one step
+                    ok[key] = total - self.world_size
+                else:
+                    ok.pop(key, None)
+        return finished
+
+    def _wants_persistence(self) -> bool:
+        return self.settings.local_disk is not None or self.settings.remote_url is not None
+
+    def has_pending_work(self) -> bool:
+        return self._inflight > 0 or bool(self._loads or self._prefetches)
+
+    def reset_cache(self) -> bool:
+        self.index.clear_idle()
+        return True
+
+    def take_stats(self) -> KVOffloadStats | None:
+        evictions = self.index.evictions - self._evictions_seen
+        if evictions:
+            self.stats.add("evictions", evictions)
+            self._evictions_seen = self.index.evictions
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, KVOffloadStats()
+        stats.set("pool_used_bytes", self.index.used_slots * self.slot_bytes)
+        stats.set("pool_bytes", self.index.num_slots * self.slot_bytes)
+        return stats
+
+    def shutdown(self) -> None:
+        if self.persistent is not None:
+            self.persistent.close()
