@@ -101,13 +101,17 @@ def check_header(header: Header, key: bytes, fingerprint: bytes, length: int) ->
         raise BadEntry(f"payload length {header.length}, expected {length}")
 
 
-def _byte_view(buf: memoryview) -> memoryview:
+def byte_view(buf: memoryview) -> memoryview:
+    """``buf`` as flat bytes, whatever the exporter's format (a numpy or torch view of a slot)."""
     view = memoryview(buf)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-class _OnceLog:
-    """Logs the first failure of each kind only: a full disk would otherwise log once per chunk."""
+class OnceLog:
+    """Logs the first failure of each kind only: a full disk would otherwise log once per chunk.
+
+    Later failures of the same kind are only counted in the tier's stats, which the metrics expose.
+    """
 
     def __init__(self) -> None:
         self._seen: set[str] = set()
@@ -141,7 +145,7 @@ class DiskTier(ChunkTier):
         self._pending: set[bytes] = set()  # keys being written
         self._used = 0  # bytes of indexed files plus reservations of writes in flight
         self._removed: list[bytes] = []
-        self._log = _OnceLog()
+        self._log = OnceLog()
         _prepare_dir(self.namespace_dir, root)
         self._load_index()
 
@@ -174,7 +178,7 @@ class DiskTier(ChunkTier):
     # ---------------------------------------------------------------- ChunkTier
 
     def put(self, key: bytes, payload: memoryview) -> PutResult:
-        payload = _byte_view(payload)
+        payload = byte_view(payload)
         size = HEADER_SIZE + payload.nbytes
         with self._lock:
             if key in self._index:  # keys name their content: the stored bytes are already these
@@ -221,7 +225,7 @@ class DiskTier(ChunkTier):
         return PutResult.STORED
 
     def get_into(self, key: bytes, out: memoryview) -> bool:
-        out = _byte_view(out)
+        out = byte_view(out)
         with self._lock:
             if key not in self._index:
                 self.stats.misses += 1

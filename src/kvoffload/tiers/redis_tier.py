@@ -1,0 +1,316 @@
+"""The remote tier: chunks as Redis/Valkey string values, shared by every engine that uses the server.
+
+Key ``kvoffload:<fingerprint.hex()[:16]>:<key.hex()>``; value = the header of :mod:`kvoffload.tiers.disk`
+followed by the payload, so a value written by another model, a truncated value or a flipped byte is
+detected at read time and deleted instead of being served (LMCache's remote header has no checksum).
+
+A remote server may vanish or stall at any moment, and the inference loop must never wait on it longer
+than ``timeout``. So:
+
+* every socket operation, the connect included, is bounded by ``timeout``, and redis-py's own retries
+  are off (they would multiply the bound);
+* a failure marks the tier *down*: calls then answer at once (miss / ``FAILED``) without touching the
+  network, and one call per second is let through as a reconnect probe; the first that succeeds marks it
+  up again. Each transition is logged once, without a traceback;
+* each batch is one pipelined round trip (``SET``/``GET``/``EXISTS``), so a batch costs one timeout at
+  most, not one per chunk.
+
+``stats.errors`` counts the chunks a put or get could not serve because of the server (a failed call, or
+the tier being down); ``contains`` answers False while down and is not counted. The password is never
+logged: URLs are redacted and any message from the client has it masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, TypeVar
+from urllib.parse import unquote, urlparse
+
+import redis
+import xxhash
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from kvoffload.config import ConfigError, redact_url
+from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
+from kvoffload.tiers.disk import (HEADER_SIZE, BadEntry, OnceLog, byte_view, check_header, pack_header,
+                                  unpack_header)
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = b"kvoffload:"
+_SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
+#: How long a down tier answers without trying; short, so a restarted server is used again quickly.
+_RETRY_SECONDS = 1.0
+_T = TypeVar("_T")
+
+
+def connect(url: str, password: str | None, timeout: float) -> redis.Redis:
+    """A client for ``url`` whose every operation ends within ``timeout`` seconds.
+
+    ``password`` wins over one in the URL (the settings resolve ``KVOFFLOAD_REMOTE_PASSWORD`` first).
+    """
+    parsed = urlparse(url)
+    scheme = _SCHEMES.get(parsed.scheme)
+    if scheme is None or not parsed.hostname:
+        raise ConfigError(f"remote_url {redact_url(url)!r}: expected redis://, rediss://, valkey:// or valkeys:// "
+                          f"with a host")
+    if password is None and parsed.password:
+        password = unquote(parsed.password)
+    netloc = parsed.netloc.rsplit("@", 1)[-1]
+    if parsed.username:
+        netloc = f"{parsed.username}@{netloc}"
+    # The password travels as an argument: redis-py lets URL fields override keyword arguments.
+    clean = parsed._replace(scheme=scheme, netloc=netloc).geturl()
+    return redis.Redis.from_url(clean, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+class RedisTier(ChunkTier):
+    """Chunk payloads in a Redis or Valkey server, with optional expiry (``ttl`` seconds)."""
+
+    name = "redis"
+
+    def __init__(self, url: str, fingerprint: bytes, password: str | None, timeout: float,
+                 ttl: float | None) -> None:
+        if len(fingerprint) != 32:
+            raise ValueError(f"fingerprint must be 32 bytes, got {len(fingerprint)}")
+        self.fingerprint = fingerprint
+        self.stats = TierStats()
+        self._client = connect(url, password, timeout)
+        self._secret = password or (unquote(urlparse(url).password or "") or None)
+        self._where = redact_url(url)
+        self._prefix = KEY_PREFIX + fingerprint.hex()[:16].encode() + b":"
+        self._px = max(1, round(ttl * 1000)) if ttl else None
+        self._lock = threading.Lock()
+        self._down = False
+        self._retry_at = 0.0
+        self._probing = False
+        self._removed: list[bytes] = []
+        self._log = OnceLog()
+        if self._run(self._client.ping) is not None:
+            logger.info("kvoffload remote tier %s: connected", self._where)
+
+    # ---------------------------------------------------------------- ChunkTier
+
+    def put(self, key: bytes, payload: memoryview) -> PutResult:
+        return self.put_many([(key, payload)])[0]
+
+    def put_many(self, items: list[tuple[bytes, memoryview]]) -> list[PutResult]:
+        if not items:
+            return []
+        start = time.perf_counter()
+        entries = []
+        for key, payload in items:
+            view = byte_view(payload)
+            entries.append((self._name(key), b"".join((pack_header(key, self.fingerprint, view), view)), view.nbytes))
+
+        def send() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for name, value, _ in entries:
+                pipe.set(name, value, px=self._px)
+            return pipe.execute(raise_on_error=False)
+
+        replies = self._run(send)
+        elapsed = time.perf_counter() - start
+        if replies is None:
+            with self._lock:
+                self.stats.errors += len(items)
+            return [PutResult.FAILED] * len(items)
+        results = []
+        with self._lock:
+            for reply, (_, _, nbytes) in zip(replies, entries):
+                if isinstance(reply, Exception):
+                    self.stats.errors += 1
+                    results.append(PutResult.FAILED)
+                    self._log_refusal("SET", reply)
+                else:
+                    self.stats.bytes_written += nbytes
+                    results.append(PutResult.STORED)
+            self.stats.write_seconds += elapsed
+        return results
+
+    def get_into(self, key: bytes, out: memoryview) -> bool:
+        return self.get_many_into([(key, out)])[0]
+
+    def get_many_into(self, items: list[tuple[bytes, memoryview]]) -> list[bool]:
+        if not items:
+            return []
+        start = time.perf_counter()
+        names = [self._name(key) for key, _ in items]
+
+        def fetch() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.get(name)
+            return pipe.execute(raise_on_error=False)
+
+        replies = self._run(fetch)
+        if replies is None:
+            with self._lock:
+                self.stats.errors += len(items)
+                self.stats.misses += len(items)
+            return [False] * len(items)
+        results: list[bool] = []
+        corrupt: list[bytes] = []
+        nbytes = 0
+        for (key, out), reply in zip(items, replies):
+            out = byte_view(out)
+            if reply is None or isinstance(reply, Exception):
+                if isinstance(reply, Exception):
+                    self._log_refusal("GET", reply)
+                results.append(False)
+                continue
+            try:
+                self._verify(key, reply, out.nbytes)
+            except BadEntry as exc:
+                corrupt.append(key)
+                self._log.warning(f"corrupt:{exc}", "kvoffload remote tier %s: deleted %s: %s; the request "
+                                  "recomputes this chunk", self._where, self._name(key).decode(), exc)
+                results.append(False)
+                continue
+            out[:] = memoryview(reply)[HEADER_SIZE:]
+            nbytes += out.nbytes
+            results.append(True)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.stats.hits += sum(results)
+            self.stats.misses += len(results) - sum(results)
+            self.stats.errors += sum(isinstance(r, Exception) for r in replies)
+            self.stats.corrupt += len(corrupt)
+            self.stats.bytes_read += nbytes
+            self.stats.read_seconds += elapsed
+            self._removed.extend(corrupt)
+        if corrupt:
+            self._run(lambda: self._client.delete(*(self._name(key) for key in corrupt)))
+        return results
+
+    def contains(self, keys: Iterable[bytes]) -> list[bool]:
+        names = [self._name(key) for key in keys]
+        if not names:
+            return []
+
+        def exists() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(name)
+            return pipe.execute(raise_on_error=False)
+
+        replies = self._run(exists)
+        if replies is None:
+            return [False] * len(names)
+        return [reply == 1 for reply in replies]
+
+    def drain_removed(self) -> list[bytes]:
+        with self._lock:
+            removed, self._removed = self._removed, []
+        return removed
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ---------------------------------------------------------------- internals
+
+    def _name(self, key: bytes) -> bytes:
+        return self._prefix + key.hex().encode()
+
+    def _verify(self, key: bytes, value: bytes, length: int) -> None:
+        header = unpack_header(value)
+        check_header(header, key, self.fingerprint, length)
+        if len(value) != HEADER_SIZE + length:
+            raise BadEntry("value size does not match the header (truncated or extended)")
+        if xxhash.xxh3_128_digest(memoryview(value)[HEADER_SIZE:]) != header.checksum:
+            raise BadEntry("payload checksum mismatch")
+
+    def _run(self, call: Callable[[], _T]) -> _T | None:
+        """``call()``, or None at once while the tier is down, or None after a failure (marks it down)."""
+        with self._lock:
+            if self._down:
+                if self._probing or time.monotonic() < self._retry_at:
+                    return None
+                self._probing = True  # this call is the reconnect probe; others keep answering at once
+        try:
+            result = call()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            return None
+        with self._lock:
+            was_down, self._down, self._probing = self._down, False, False
+        if was_down:
+            logger.warning("kvoffload remote tier %s is back up", self._where)
+        return result
+
+    def _mark_down(self, exc: Exception) -> None:
+        with self._lock:
+            was_down, self._down, self._probing = self._down, True, False
+            self._retry_at = time.monotonic() + _RETRY_SECONDS
+        # Drop idle sockets to the old server: after a restart each would fail once more.
+        self._client.connection_pool.disconnect(inuse_connections=False)
+        if not was_down:
+            logger.warning("kvoffload remote tier %s is down (%s: %s); loads and stores skip it and it is retried "
+                           "every %.0f s", self._where, type(exc).__name__, self._mask(str(exc)), _RETRY_SECONDS)
+
+    def _log_refusal(self, command: str, exc: Exception) -> None:
+        message = self._mask(str(exc))
+        self._log.warning(f"{command}:{message.split(' ', 1)[0]}", "kvoffload remote tier %s refused %s: %s",
+                          self._where, command, message)
+
+    def _mask(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+# -------------------------------------------------------------------- CLI helpers
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    namespace: str  # the 16-hex-digit fingerprint prefix
+    key: bytes
+    bytes: int
+
+
+def _names(client: redis.Redis) -> Iterable[bytes]:
+    return client.scan_iter(match=KEY_PREFIX + b"*", count=1000)
+
+
+def _batches(names: Iterable[bytes], size: int = 1000) -> Iterable[list[bytes]]:
+    batch: list[bytes] = []
+    for name in names:
+        batch.append(name)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def list_keys(client: redis.Redis) -> list[RemoteEntry]:
+    """Every kvoffload chunk on the server, of every namespace (SCAN, then STRLEN per batch)."""
+    entries: list[RemoteEntry] = []
+    for batch in _batches(_names(client)):
+        pipe = client.pipeline(transaction=False)
+        for name in batch:
+            pipe.strlen(name)
+        for name, size in zip(batch, pipe.execute()):
+            parts = name.split(b":")
+            if len(parts) != 3 or not size:  # not ours, or expired between SCAN and STRLEN
+                continue
+            try:
+                key = bytes.fromhex(parts[2].decode())
+            except ValueError:
+                continue
+            entries.append(RemoteEntry(parts[1].decode(errors="replace"), key, size))
+    return entries
+
+
+def clear(client: redis.Redis) -> int:
+    """Delete every kvoffload chunk on the server (other keys are left alone); returns how many."""
+    removed = 0
+    for batch in _batches(_names(client)):
+        removed += client.unlink(*batch)
+    return removed

@@ -1,0 +1,188 @@
+"""The Redis/Valkey tier against a real redis-server: round trip, expiry, corruption, outages, passwords."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis
+
+from kvoffload.config import ConfigError
+from kvoffload.tiers import redis_tier
+from kvoffload.tiers.base import PutResult
+from kvoffload.tiers.disk import HEADER_SIZE
+from kvoffload.tiers.redis_tier import RedisTier
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+
+FP = bytes(range(32))
+OTHER_FP = bytes(range(1, 33))
+CHUNK = 4096
+TIMEOUT = 0.2
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def payload(i: int) -> memoryview:
+    return memoryview(bytes((i + j) % 251 for j in range(CHUNK)))
+
+
+def read(tier: RedisTier, k: bytes) -> bytes | None:
+    out = bytearray(CHUNK)
+    return bytes(out) if tier.get_into(k, memoryview(out)) else None
+
+
+def raw_name(k: bytes, fp: bytes = FP) -> bytes:
+    return f"kvoffload:{fp.hex()[:16]}:{k.hex()}".encode()
+
+
+@pytest.fixture
+def tier(redis_server: RedisServer) -> RedisTier:
+    t = RedisTier(redis_server.url, FP, None, TIMEOUT, None)
+    yield t
+    t.close()
+
+
+def test_round_trip_batched(tier: RedisTier, redis_server: RedisServer) -> None:
+    items = [(key(i), payload(i)) for i in range(5)]
+    assert tier.put_many(items) == [PutResult.STORED] * 5
+    outs = [bytearray(CHUNK) for _ in range(6)]
+    got = tier.get_many_into([(key(i), memoryview(outs[i])) for i in range(6)])
+    assert got == [True] * 5 + [False]
+    assert all(outs[i] == bytes(payload(i)) for i in range(5))
+    assert tier.contains([key(0), key(9)]) == [True, False]
+    assert (tier.stats.hits, tier.stats.misses, tier.stats.bytes_written) == (5, 1, 5 * CHUNK)
+    raw = redis.Redis.from_url(redis_server.url)
+    assert raw.strlen(raw_name(key(0))) == HEADER_SIZE + CHUNK
+    assert raw.ttl(raw_name(key(0))) == -1  # no expiry without ttl
+
+
+def test_valkey_scheme_and_another_fingerprint(redis_server: RedisServer) -> None:
+    url = redis_server.url.replace("redis://", "valkey://")
+    mine, other = RedisTier(url, FP, None, TIMEOUT, None), RedisTier(url, OTHER_FP, None, TIMEOUT, None)
+    mine.put(key(1), payload(1))
+    assert other.contains([key(1)]) == [False] and read(other, key(1)) is None
+
+
+def test_ttl_expiry(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, FP, None, TIMEOUT, ttl=0.2)
+    tier.put(key(1), payload(1))
+    assert 0 < redis.Redis.from_url(redis_server.url).pttl(raw_name(key(1))) <= 200
+    assert read(tier, key(1)) == bytes(payload(1))
+    time.sleep(0.3)
+    assert tier.contains([key(1)]) == [False] and read(tier, key(1)) is None
+
+
+@pytest.mark.parametrize("damage", ["flip_payload", "truncate", "foreign_fingerprint"])
+def test_bad_value_is_a_miss_and_deleted(tier: RedisTier, redis_server: RedisServer, damage: str) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    if damage == "foreign_fingerprint":
+        other = RedisTier(redis_server.url, OTHER_FP, None, TIMEOUT, None)
+        other.put(key(1), payload(1))
+        raw.rename(raw_name(key(1), OTHER_FP), raw_name(key(1)))
+    else:
+        tier.put(key(1), payload(1))
+        value = bytearray(raw.get(raw_name(key(1))))
+        if damage == "flip_payload":
+            value[HEADER_SIZE + 7] ^= 0x10
+        else:
+            del value[-1]
+        raw.set(raw_name(key(1)), bytes(value))
+    assert read(tier, key(1)) is None
+    assert tier.stats.corrupt == 1
+    assert raw.exists(raw_name(key(1))) == 0
+    assert tier.drain_removed() == [key(1)]
+
+
+def test_server_killed_then_restarted(tier: RedisTier, redis_server: RedisServer,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    tier.put(key(1), payload(1))
+    redis_server.stop()
+    with caplog.at_level(logging.INFO, logger="kvoffload.tiers.redis_tier"):
+        for _ in range(20):
+            start = time.monotonic()
+            assert read(tier, key(1)) is None
+            assert tier.put(key(2), payload(2)) is PutResult.FAILED
+            assert tier.contains([key(1)]) == [False]
+            assert time.monotonic() - start < 5 * TIMEOUT
+        assert tier.stats.errors >= 20
+        redis_server.start()  # same port, empty (no persistence)
+        deadline = time.monotonic() + 5
+        while tier.put(key(3), payload(3)) is not PutResult.STORED:
+            assert time.monotonic() < deadline, "the tier did not come back after the server restarted"
+            time.sleep(0.1)
+        assert read(tier, key(3)) == bytes(payload(3))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is down" in m for m in messages) == 1
+    assert sum("is back up" in m for m in messages) == 1
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_stalled_server_is_bounded_by_the_timeout(tier: RedisTier, redis_server: RedisServer) -> None:
+    tier.put(key(1), payload(1))
+    redis_server.pause()
+    try:
+        start = time.monotonic()
+        assert read(tier, key(1)) is None  # times out and marks the tier down
+        assert time.monotonic() - start < 5 * TIMEOUT
+        start = time.monotonic()
+        assert tier.put_many([(key(i), payload(i)) for i in range(10)]) == [PutResult.FAILED] * 10
+        assert time.monotonic() - start < 0.05  # down: answered without touching the network
+    finally:
+        redis_server.resume()
+    time.sleep(1.1)  # past the retry backoff
+    assert read(tier, key(1)) == bytes(payload(1))
+
+
+def test_server_down_at_start_fails_soft() -> None:
+    server = RedisServer()  # not started: nothing listens on the port
+    try:
+        start = time.monotonic()
+        tier = RedisTier(server.url, FP, None, TIMEOUT, None)
+        assert tier.put(key(1), payload(1)) is PutResult.FAILED
+        assert read(tier, key(1)) is None
+        assert time.monotonic() - start < 5 * TIMEOUT
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("via", ["url", "argument"])
+def test_password_works_and_is_never_logged(via: str, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cr3t-Pa55"
+    with RedisServer(password=secret) as server, caplog.at_level(logging.DEBUG):
+        url = server.url.replace("redis://", f"redis://:{secret}@") if via == "url" else server.url
+        tier = RedisTier(url, FP, None if via == "url" else secret, TIMEOUT, None)
+        assert tier.put(key(1), payload(1)) is PutResult.STORED
+        assert read(tier, key(1)) == bytes(payload(1))
+        server.stop()
+        assert read(tier, key(1)) is None
+        server.start()
+        time.sleep(1.1)
+        assert tier.put(key(1), payload(1)) is PutResult.STORED
+        wrong = RedisTier(server.url.replace("redis://", f"redis://:{secret}@"), FP, "wrong-" + secret,
+                          TIMEOUT, None)  # the argument wins over the URL
+        assert wrong.put(key(2), payload(2)) is PutResult.FAILED
+    assert any("is down" in r.getMessage() for r in caplog.records)
+    assert secret not in caplog.text
+    assert not any(secret in str(r.args) for r in caplog.records)
+
+
+def test_bad_scheme_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="expected redis://"):
+        RedisTier("http://:pw@localhost:1/0", FP, None, TIMEOUT, None)
+
+
+def test_list_keys_and_clear(tier: RedisTier, redis_server: RedisServer) -> None:
+    other = RedisTier(redis_server.url, OTHER_FP, None, TIMEOUT, None)
+    tier.put_many([(key(i), payload(i)) for i in range(3)])
+    other.put(key(7), payload(7))
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.set(b"unrelated", b"keep")
+    entries = redis_tier.list_keys(raw)
+    assert sorted((e.namespace, e.key) for e in entries) == sorted(
+        [(FP.hex()[:16], key(i)) for i in range(3)] + [(OTHER_FP.hex()[:16], key(7))])
+    assert {e.bytes for e in entries} == {HEADER_SIZE + CHUNK}
+    assert redis_tier.clear(raw) == 4
+    assert redis_tier.list_keys(raw) == [] and raw.get(b"unrelated") == b"keep"
