@@ -1,0 +1,53 @@
+// Python binding of the KV page copy launchers. Built through torch's extension machinery (which supplies
+// pybind11 and TORCH_EXTENSION_NAME) but deliberately free of torch types: the Python side validates
+// shapes and ranges and passes raw addresses, sizes and stream handles; this file only forwards them and
+// turns CUDA errors into exceptions.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kv_copy.h"
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+template <typename T>
+T* ptr(uint64_t address) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+void copy_pages(uint64_t layer_base, uint64_t block_stride, int32_t num_layers, int64_t page_bytes,
+                uint64_t entries, int64_t first, int64_t count, uint64_t staging, bool to_staging,
+                int vec_bytes, int max_ctas, uint64_t stream) {
+  const KvoPagedCache cache{ptr<const int64_t>(layer_base), ptr<const int64_t>(block_stride), num_layers,
+                            page_bytes};
+  check(kvo_copy_pages(cache, ptr<const int64_t>(entries), first, count, ptr<char>(staging), to_staging,
+                       vec_bytes, max_ctas, ptr<CUstream_st>(stream)),
+        "kvoffload copy_pages");
+}
+
+void copy_runs(uint64_t staging, uint64_t pool, uint64_t runs, int64_t num_runs, int32_t num_layers,
+               int64_t pages_per_slot, int64_t page_bytes, bool to_host, uint64_t stream) {
+  check(kvo_copy_runs(ptr<char>(staging), ptr<char>(pool), ptr<const int64_t>(runs), num_runs, num_layers,
+                      pages_per_slot, page_bytes, to_host, ptr<CUstream_st>(stream)),
+        "kvoffload copy_runs");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kvoffload KV page copy kernels (addresses in, no torch types)";
+  namespace py = pybind11;
+  m.def("copy_pages", &copy_pages, "Gather (to_staging) or scatter every layer of entries [first, first+count).",
+        py::arg("layer_base"), py::arg("block_stride"), py::arg("num_layers"), py::arg("page_bytes"),
+        py::arg("entries"), py::arg("first"), py::arg("count"), py::arg("staging"), py::arg("to_staging"),
+        py::arg("vec_bytes"), py::arg("max_ctas"), py::arg("stream"));
+  m.def("copy_runs", &copy_runs, "DMA staging runs to (to_host) or from the pinned pool.", py::arg("staging"),
+        py::arg("pool"), py::arg("runs"), py::arg("num_runs"), py::arg("num_layers"), py::arg("pages_per_slot"),
+        py::arg("page_bytes"), py::arg("to_host"), py::arg("stream"));
+}

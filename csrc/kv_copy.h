@@ -1,0 +1,38 @@
+// C interface of the KV page copy kernels. Plain CUDA runtime types only, so the kernels build with nvcc
+// alone and the torch binding stays a thin layer that forwards pointers, sizes and streams.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// vLLM's paged cache seen as pages: block b of layer l is page_bytes contiguous bytes at
+// layer_base[l] + b * block_stride[l]. Both arrays live in device memory.
+typedef struct {
+  const int64_t* layer_base;    // byte address of block 0 of each layer
+  const int64_t* block_stride;  // bytes from one block to the next, per layer
+  int32_t num_layers;
+  int64_t page_bytes;
+} KvoPagedCache;
+
+// Copies every layer of entries [first, first + count) between the paged cache and a staging buffer.
+// `entries` (device) holds three int64 per entry: vLLM block id, byte offset of the entry's layer-0 page
+// in `staging`, and the byte pitch between its consecutive layers. to_staging selects gather (true) or
+// scatter (false). vec_bytes (16, 8, 4, 2 or 1) must divide page_bytes, every layer_base, block_stride
+// and staging address; the caller picks the widest that does.
+cudaError_t kvo_copy_pages(KvoPagedCache cache, const int64_t* entries, int64_t first, int64_t count,
+                           char* staging, int to_staging, int vec_bytes, int max_ctas, cudaStream_t stream);
+
+// Issues one DMA per run between staging (device) and a pinned pool of shape
+// (num_slots, num_layers, pages_per_slot, page_bytes). `runs` (host) holds four int64 per run: byte offset
+// in staging, slot, first page, number of pages. A run's staging bytes are laid out (num_layers, pages,
+// page_bytes), so a whole-slot run is one contiguous copy and a partial one is a 2D copy with one row per layer.
+cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs, int32_t num_layers,
+                          int64_t pages_per_slot, int64_t page_bytes, int to_host, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

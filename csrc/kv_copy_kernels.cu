@@ -1,0 +1,94 @@
+// Gather/scatter of KV pages between vLLM's paged cache and a contiguous device staging buffer, plus the
+// DMA of staging runs to and from the pinned host pool. One kernel family handles every vLLM layout:
+// the layout is reduced by the Python side to a per-layer base address and block stride.
+#include "kv_copy.h"
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kUnroll = 4;  // loads in flight per thread before the matching stores
+
+// One CTA copies whole pages (grid-stride over the count * num_layers pages of the range); its threads
+// stride over the page in units of V. All loads of an unrolled step are issued before any store, so
+// each thread keeps kUnroll independent memory requests in flight.
+template <typename V, bool kToStaging>
+__global__ void __launch_bounds__(kThreads)
+copy_pages_kernel(KvoPagedCache cache, const int64_t* __restrict__ entries, int64_t first, int64_t count,
+                  char* __restrict__ staging) {
+  const int64_t num_pages = count * cache.num_layers;
+  const int64_t num_vecs = cache.page_bytes / static_cast<int64_t>(sizeof(V));
+  for (int64_t page = blockIdx.x; page < num_pages; page += gridDim.x) {
+    const int64_t* entry = entries + 3 * (first + page / cache.num_layers);
+    const int layer = static_cast<int>(page % cache.num_layers);
+    char* cached = reinterpret_cast<char*>(static_cast<uintptr_t>(cache.layer_base[layer])) +
+                   entry[0] * cache.block_stride[layer];
+    char* staged = staging + entry[1] + layer * entry[2];
+    const V* src = reinterpret_cast<const V*>(kToStaging ? cached : staged);
+    V* dst = reinterpret_cast<V*>(kToStaging ? staged : cached);
+    for (int64_t base = threadIdx.x; base < num_vecs; base += kThreads * kUnroll) {
+      V tmp[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kThreads;
+        if (i < num_vecs) tmp[u] = src[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * kThreads;
+        if (i < num_vecs) dst[i] = tmp[u];
+      }
+    }
+  }
+}
+
+template <typename V>
+cudaError_t launch(KvoPagedCache cache, const int64_t* entries, int64_t first, int64_t count, char* staging,
+                   int to_staging, int max_ctas, cudaStream_t stream) {
+  const int64_t num_pages = count * cache.num_layers;
+  const unsigned grid = static_cast<unsigned>(num_pages < max_ctas ? num_pages : max_ctas);
+  if (to_staging) {
+    copy_pages_kernel<V, true><<<grid, kThreads, 0, stream>>>(cache, entries, first, count, staging);
+  } else {
+    copy_pages_kernel<V, false><<<grid, kThreads, 0, stream>>>(cache, entries, first, count, staging);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" cudaError_t kvo_copy_pages(KvoPagedCache cache, const int64_t* entries, int64_t first, int64_t count,
+                                      char* staging, int to_staging, int vec_bytes, int max_ctas,
+                                      cudaStream_t stream) {
+  if (count <= 0 || cache.num_layers <= 0) return cudaSuccess;
+  switch (vec_bytes) {
+    case 16: return launch<uint4>(cache, entries, first, count, staging, to_staging, max_ctas, stream);
+    case 8: return launch<uint2>(cache, entries, first, count, staging, to_staging, max_ctas, stream);
+    case 4: return launch<unsigned int>(cache, entries, first, count, staging, to_staging, max_ctas, stream);
+    case 2: return launch<unsigned short>(cache, entries, first, count, staging, to_staging, max_ctas, stream);
+    case 1: return launch<unsigned char>(cache, entries, first, count, staging, to_staging, max_ctas, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs,
+                                     int32_t num_layers, int64_t pages_per_slot, int64_t page_bytes, int to_host,
+                                     cudaStream_t stream) {
+  const size_t slot_pitch = static_cast<size_t>(pages_per_slot * page_bytes);  // one layer of a pool slot
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t* run = runs + 4 * r;
+    char* dev = staging + run[0];
+    char* host = pool + ((run[1] * num_layers) * pages_per_slot + run[2]) * page_bytes;
+    const size_t width = static_cast<size_t>(run[3] * page_bytes);
+    cudaError_t err;
+    if (run[3] == pages_per_slot) {  // whole slot: staging and pool hold the same (layers, pages) block
+      const size_t bytes = width * static_cast<size_t>(num_layers);
+      err = to_host ? cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, stream)
+                    : cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream);
+    } else {
+      err = to_host ? cudaMemcpy2DAsync(host, slot_pitch, dev, width, width, num_layers, cudaMemcpyDeviceToHost, stream)
+                    : cudaMemcpy2DAsync(dev, width, host, slot_pitch, width, num_layers, cudaMemcpyHostToDevice, stream);
+    }
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
