@@ -1,4 +1,5 @@
-"""The disk tier: round trip, restart, every kind of bad file, start-up checks, run-time failures, LRU."""
+"""The disk tier (round trip, restart, bad files, start-up checks, run-time failures, LRU) and the
+AsyncWriter that feeds it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import logging
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from kvoffload.config import ConfigError
 from kvoffload.tiers import disk
 from kvoffload.tiers.base import PutResult
 from kvoffload.tiers.disk import HEADER_SIZE, DiskTier, list_disk_keys
+from kvoffload.tiers.writer import AsyncWriter
 
 FP = bytes(range(32))
 OTHER_FP = bytes(range(1, 33))
@@ -251,3 +254,68 @@ def test_cli_helpers_scan_verify_clear(tmp_path: Path) -> None:
     assert disk.clear(str(tmp_path)) == 2
     assert disk.scan(str(tmp_path)) == []
     assert (tmp_path / "unrelated.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ AsyncWriter over the disk tier
+
+
+class _GatedDiskTier(DiskTier):
+    """A disk tier whose stores wait for a gate: plays a slow disk."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.batches: list[int] = []
+
+    def put_many(self, items):
+        self.gate.wait(5)
+        self.batches.append(len(items))
+        return super().put_many(items)
+
+
+def test_writer_stores_in_the_background_and_drains_on_close(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    writer = AsyncWriter(tier, max_pending=64, threads=2)
+    results: dict[int, PutResult] = {}
+    for i in range(20):
+        writer.submit(key(i), payload(i), lambda r, i=i: results.__setitem__(i, r))
+    writer.close()
+    assert results == {i: PutResult.STORED for i in range(20)}
+    assert all(read(tier, key(i)) == bytes(payload(i)) for i in range(20))
+
+
+def test_writer_skips_at_once_when_full(tmp_path: Path) -> None:
+    tier = _GatedDiskTier(str(tmp_path), FP, 10**6)
+    writer = AsyncWriter(tier, max_pending=4)
+    results: list[tuple[int, PutResult]] = []
+    start = time.monotonic()
+    for i in range(10):  # one is taken by the blocked thread, four wait in the queue
+        writer.submit(key(i), payload(i), lambda r, i=i: results.append((i, r)))
+    assert time.monotonic() - start < 0.5  # the caller never waited on the slow tier
+    skipped = [i for i, r in results if r is PutResult.SKIPPED]
+    assert len(skipped) >= 5 and tier.stats.skipped_writes == len(skipped)
+    tier.gate.set()
+    writer.close()
+    assert len(results) == 10
+    stored = [i for i, r in results if r is PutResult.STORED]
+    assert sorted(stored + skipped) == list(range(10))
+    assert max(tier.batches) > 1  # queued items went to put_many together
+
+
+def test_writer_close_without_drain_answers_skipped(tmp_path: Path) -> None:
+    tier = _GatedDiskTier(str(tmp_path), FP, 10**6)
+    writer = AsyncWriter(tier, max_pending=8)
+    results: list[PutResult] = []
+    writer.submit(key(0), payload(0), results.append)
+    time.sleep(0.05)  # the thread has taken it alone and waits at the gate
+    for i in range(1, 5):
+        writer.submit(key(i), payload(i), results.append)
+    closer = threading.Thread(target=writer.close, kwargs={"drain": False})
+    closer.start()
+    time.sleep(0.05)
+    tier.gate.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert results == [PutResult.SKIPPED] * 4 + [PutResult.STORED]
+    writer.submit(key(9), payload(9), results.append)  # after close: skipped, not lost
+    assert results[-1] is PutResult.SKIPPED and tier.contains([key(9)]) == [False]
