@@ -24,7 +24,6 @@ version = release
 extensions = [
     "myst_nb",                  # bundles myst_parser; list only one of them
     "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
     "sphinx.ext.doctest",
     "kvoffload_docs",           # docs/_ext/kvoffload_docs.py: generated settings table
 ]

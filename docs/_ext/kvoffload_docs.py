@@ -20,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+#: Benchmark numbers written by benchmarks/plot.py: data, not prose, so not translated.
+GENERATED_RESULTS = "_static/bench/results.md"
+
 MARKERS = ("settings-table", "env-table", "lmcache-refused", "lmcache-ignored")
 
 
@@ -117,6 +120,28 @@ def _source_read(app, docname: str, source: list[str]) -> None:
     source[0] = render_markers(source[0])
 
 
+from docutils import nodes  # noqa: E402
+from sphinx.transforms import SphinxTransform  # noqa: E402
+
+
+class KeepDocstringsEnglish(SphinxTransform):
+    """Keep autodoc docstrings out of the translation catalogs.
+
+    Docstrings change with the code; translating them would tie every source edit to the catalogs.
+    The API reference page says that its generated part is in English. Runs before Sphinx's
+    ``Locale`` transform (priority 20), and ``gettext`` skips nodes marked ``translatable=False``.
+    """
+
+    default_priority = 15
+
+    def apply(self, **kwargs) -> None:
+        for node in self.document.findall(nodes.TextElement):
+            source = node.source or ""
+            if "docstring of " in source or source.replace("\\", "/").endswith(GENERATED_RESULTS):
+                node["translatable"] = False
+
+
 def setup(app):
     app.connect("source-read", _source_read)
+    app.add_transform(KeepDocstringsEnglish)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,309 @@
+"""The CUDA copy path: gather/scatter kernels beside vLLM's cache, DMA between a device staging buffer and the pool.
+
+Why this shape (measured on our H100, see ``field-and-physical-limits.md`` §3.3-3.4): one DMA per 32 KiB
+page reaches only 5-10 GB/s, while a DMA of megabytes runs at line rate (~52 GB/s); an SM kernel that
+reads or writes host memory over PCIe slows a concurrent prefill by 79-143 %, while DMA costs it ~0 %. So
+the SMs only ever touch device memory (a few CTAs gather pages into staging, which is fast and short) and
+PCIe is always crossed by the copy engines in large runs.
+
+Each direction is a pipeline over *pieces* (windows of the copy list, ~32 MiB of pages): a kernel stream
+and a DMA stream hand pieces to each other through events, double-buffered in a staging ring, so the
+kernel for piece *p+1* runs while piece *p* is on the wire. Stores and loads have separate pipelines so a
+load on the critical path never queues behind a long store; the hazards between them are ordered
+explicitly: per host slot (a store into a slot waits for earlier loads reading it, a load waits for
+earlier stores writing it) and per vLLM block (a load does not overwrite a block an earlier store has not
+gathered yet).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kvoffload.transfer.base import CopyBackend, Fence, PagedKV
+from kvoffload.transfer.torch_copy import slot_runs
+
+PIECE_BYTES = 32 << 20
+"""Target size of one pipeline piece: large enough that each DMA runs at line rate, small enough that the
+first piece's gather (the only one not hidden behind a DMA) is short and the staging ring stays small."""
+
+RING = 2
+"""Staging buffers per direction: one being filled while the other is on the wire."""
+
+MAX_CTAS = 32
+"""CTAs of one gather/scatter launch. HBM-to-HBM copies at this width are still >5x faster than PCIe,
+so the pipeline never waits for them, while most SMs stay free for the model's kernels."""
+
+_CSRC = Path(__file__).resolve().parents[3] / "csrc"
+_SOURCES = ("bindings.cpp", "kv_copy_kernels.cu")
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The CUDA extension is neither installed nor buildable here; ``make_copy_backend`` falls back to torch."""
+
+
+@functools.cache
+def extension() -> ModuleType:
+    """The compiled kernels: the module ``pip install`` built, else a JIT build cached per source hash."""
+    try:
+        from kvoffload import _kvcopy  # type: ignore[attr-defined]  # built by setup.py when CUDA was present
+        return _kvcopy
+    except ImportError:
+        pass
+    if torch.version.cuda is None:
+        raise ExtensionUnavailable(f"torch {torch.__version__} is built without CUDA")
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None:
+        raise ExtensionUnavailable("no CUDA toolkit (nvcc) found; set CUDA_HOME to build the copy kernels")
+    sources = [_CSRC / name for name in _SOURCES]
+    missing = [str(s) for s in sources if not s.is_file()]
+    if missing:
+        raise ExtensionUnavailable(f"kernel sources not found ({', '.join(missing)}); install with a CUDA "
+                                   "torch and nvcc present to get a prebuilt extension")
+    digest = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}".encode())
+    for source in sorted(_CSRC.iterdir()):
+        digest.update(source.name.encode() + source.read_bytes())
+    build_dir = Path.home() / ".cache" / "kvoffload" / f"ext-{digest.hexdigest()[:16]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name="kvoffload_kvcopy", sources=[str(s) for s in sources],
+                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
+                              build_directory=str(build_dir), verbose=False)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A window ``[first, first + count)`` of a copy list that moves through staging in one go.
+
+    ``runs`` is an ``(R, 4)`` int64 CPU tensor, one row per run of consecutive pages of a slot inside the
+    window: byte offset in the staging buffer, slot, first page, number of pages. A run's staging bytes
+    are ``(num_layers, pages, page_bytes)``, the same order as the pool slot, so it crosses PCIe as one DMA.
+    """
+
+    first: int
+    count: int
+    runs: torch.Tensor
+
+
+def plan_copy(block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor, num_layers: int,
+              page_bytes: int, entries_per_piece: int) -> tuple[torch.Tensor, list[Piece]]:
+    """Split a copy list into pieces and give every entry its staging place.
+
+    Returns ``entries``, an ``(N, 3)`` int64 tensor (block id, staging byte offset of the entry's layer-0
+    page relative to its piece's buffer, byte pitch between its layers) that the kernels read, and the
+    pieces with their DMA runs.
+    """
+    ids = block_ids.tolist()
+    entries: list[tuple[int, int, int]] = []
+    pieces: list[Piece] = []
+    for first in range(0, len(ids), entries_per_piece):
+        count = min(entries_per_piece, len(ids) - first)
+        runs: list[tuple[int, int, int, int]] = []
+        offset = 0
+        for run_first, length, slot, page in slot_runs(slots[first:first + count], pages[first:first + count]):
+            pitch = length * page_bytes
+            entries.extend((ids[first + run_first + j], offset + j * page_bytes, pitch) for j in range(length))
+            runs.append((offset, slot, page, length))
+            offset += num_layers * pitch
+        pieces.append(Piece(first, count, torch.tensor(runs, dtype=torch.int64)))
+    return torch.tensor(entries, dtype=torch.int64).reshape(-1, 3), pieces
+
+
+def piece_entries(num_layers: int, page_bytes: int, pages_per_slot: int) -> int:
+    """Entries per piece: ~``PIECE_BYTES`` of pages, whole slots when a slot fits so runs stay unsplit."""
+    per = max(1, PIECE_BYTES // (num_layers * page_bytes))
+    return per - per % pages_per_slot if per >= pages_per_slot else per
+
+
+def vector_bytes(addresses: list[int], page_bytes: int) -> int:
+    """Widest access (16, 8, 4, 2 or 1 bytes) that divides every page address the kernels compute."""
+    common = math.gcd(page_bytes, *addresses)
+    return min(16, common & -common)
+
+
+class _EventsFence(Fence):
+    def __init__(self, events: list[torch.cuda.Event]) -> None:
+        self.events = events
+
+    def done(self) -> bool:
+        return all(event.query() for event in self.events)
+
+    def wait(self) -> None:
+        for event in self.events:
+            event.synchronize()
+
+
+class _Pipeline:
+    """One direction: a kernel stream, a DMA stream, and a ring of staging buffers they hand over.
+
+    ``free[k]`` is recorded when the consumer of buffer *k* is done with it; the producer waits on it
+    before refilling. ``ready`` is recorded by the producer and waited on by the consumer at once, so one
+    event serves every piece (a stream wait binds to the record that precedes it).
+    """
+
+    def __init__(self, device: torch.device, buffer_bytes: int) -> None:
+        self.device = device
+        self.kernel = torch.cuda.Stream(device=device)
+        self.dma = torch.cuda.Stream(device=device)
+        self.ready = torch.cuda.Event()
+        self.free = [torch.cuda.Event() for _ in range(RING)]
+        self.buffer_bytes = buffer_bytes
+        self._staging: torch.Tensor | None = None
+        self._next = 0
+
+    def take(self) -> tuple[int, torch.Tensor]:
+        """The next ring index and its buffer (allocated on first use, then kept for the backend's life)."""
+        if self._staging is None:
+            self._staging = torch.empty((RING, self.buffer_bytes), dtype=torch.uint8, device=self.device)
+        index = self._next
+        self._next = (index + 1) % RING
+        return index, self._staging[index]
+
+    def close(self) -> None:
+        self.kernel.synchronize()
+        self.dma.synchronize()
+        self._staging = None
+
+
+class CudaCopyBackend(CopyBackend):
+    name = "cuda"
+
+    def __init__(self, kv: PagedKV, pool: torch.Tensor) -> None:
+        super().__init__(kv, pool)
+        if kv.device.type != "cuda" or any(layer.device != kv.device for layer in kv.layers):
+            raise ValueError("CudaCopyBackend needs every KV layer on one CUDA device")
+        if not pool.is_pinned() or not pool.is_contiguous():
+            raise ValueError("CudaCopyBackend needs a contiguous pinned host pool (pageable copies block the CPU)")
+        self._ext = extension()
+        self.device = kv.device
+        num_layers, self.pages_per_slot = kv.num_layers, pool.shape[2]
+        bases = [layer.data_ptr() for layer in kv.layers]
+        strides = [layer.stride(0) for layer in kv.layers]
+        self._table = torch.tensor([bases, strides], dtype=torch.int64, device=self.device)
+        self._vec = vector_bytes(bases + strides, kv.page_bytes)
+        self._per_piece = piece_entries(num_layers, kv.page_bytes, self.pages_per_slot)
+        piece_bytes = self._per_piece * num_layers * kv.page_bytes
+        self._store = _Pipeline(self.device, piece_bytes)
+        self._load = _Pipeline(self.device, piece_bytes)
+        self._stored_to: dict[int, torch.cuda.Event] = {}  # slot -> last store writing it
+        self._loaded_from: dict[int, torch.cuda.Event] = {}  # slot -> last load reading it
+        self._gathering: list[tuple[torch.cuda.Event, frozenset[int]]] = []  # stores whose blocks may be unread
+
+    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        if len(block_ids) == 0:
+            return
+        self._check(block_ids, slots, pages)
+        pipe = self._store
+        with torch.cuda.device(self.device):
+            pipe.kernel.wait_stream(torch.cuda.current_stream(self.device))
+            for event in _pending(self._loaded_from, slots):
+                pipe.dma.wait_event(event)
+            entries, pieces = self._plan(block_ids, slots, pages, pipe.kernel)
+            for piece in pieces:
+                index, buffer = pipe.take()
+                pipe.kernel.wait_event(pipe.free[index])
+                self._pages(entries, piece, buffer, to_staging=True, stream=pipe.kernel)
+                pipe.ready.record(pipe.kernel)
+                pipe.dma.wait_event(pipe.ready)
+                self._runs(piece, buffer, to_host=True, stream=pipe.dma)
+                pipe.free[index].record(pipe.dma)
+            self._gathering.append((_recorded(pipe.kernel), frozenset(block_ids.tolist())))
+            _mark(self._stored_to, slots, _recorded(pipe.dma))
+
+    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        if len(block_ids) == 0:
+            return
+        self._check(block_ids, slots, pages)
+        pipe = self._load
+        with torch.cuda.device(self.device):
+            compute = torch.cuda.current_stream(self.device)
+            for event in _pending(self._stored_to, slots):
+                pipe.dma.wait_event(event)
+            pipe.kernel.wait_stream(compute)
+            for event in self._unread_stores(block_ids):
+                pipe.kernel.wait_event(event)
+            entries, pieces = self._plan(block_ids, slots, pages, pipe.kernel)
+            for piece in pieces:
+                index, buffer = pipe.take()
+                pipe.dma.wait_event(pipe.free[index])
+                self._runs(piece, buffer, to_host=False, stream=pipe.dma)
+                pipe.ready.record(pipe.dma)
+                pipe.kernel.wait_event(pipe.ready)
+                self._pages(entries, piece, buffer, to_staging=False, stream=pipe.kernel)
+                pipe.free[index].record(pipe.kernel)
+            _mark(self._loaded_from, slots, _recorded(pipe.dma))
+            compute.wait_stream(pipe.kernel)
+
+    def fence(self) -> Fence:
+        with torch.cuda.device(self.device):
+            return _EventsFence([_recorded(self._store.dma), _recorded(self._load.kernel)])
+
+    def close(self) -> None:
+        self._store.close()
+        self._load.close()
+
+    def _check(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+        """Reject what would make a kernel or DMA touch memory outside the cache or the pool."""
+        for name, values, limit in (("block_ids", block_ids, self.kv.layers[0].shape[0]),
+                                    ("slots", slots, self.pool.shape[0]), ("pages", pages, self.pages_per_slot)):
+            if values.dtype != torch.int64 or values.device.type != "cpu" or values.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D int64 CPU tensor")
+            if len(values) != len(block_ids):
+                raise ValueError("block_ids, slots and pages must have the same length")
+            if int(values.min()) < 0 or int(values.max()) >= limit:
+                raise IndexError(f"{name} out of range [0, {limit})")
+
+    def _plan(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
+              stream: torch.cuda.Stream) -> tuple[torch.Tensor, list[Piece]]:
+        """Plan the copy and upload the entry table on ``stream`` from pinned memory (never blocking)."""
+        entries, pieces = plan_copy(block_ids, slots, pages, self.kv.num_layers, self.kv.page_bytes,
+                                    self._per_piece)
+        with torch.cuda.stream(stream):
+            return entries.pin_memory().to(self.device, non_blocking=True), pieces
+
+    def _pages(self, entries: torch.Tensor, piece: Piece, buffer: torch.Tensor, to_staging: bool,
+               stream: torch.cuda.Stream) -> None:
+        self._ext.copy_pages(self._table[0].data_ptr(), self._table[1].data_ptr(), self.kv.num_layers,
+                             self.kv.page_bytes, entries.data_ptr(), piece.first, piece.count, buffer.data_ptr(),
+                             to_staging, self._vec, MAX_CTAS, stream.cuda_stream)
+
+    def _runs(self, piece: Piece, buffer: torch.Tensor, to_host: bool, stream: torch.cuda.Stream) -> None:
+        self._ext.copy_runs(buffer.data_ptr(), self.pool.data_ptr(), piece.runs.data_ptr(), len(piece.runs),
+                            self.kv.num_layers, self.pages_per_slot, self.kv.page_bytes, to_host,
+                            stream.cuda_stream)
+
+    def _unread_stores(self, block_ids: torch.Tensor) -> list[torch.cuda.Event]:
+        """Gather-done events of in-flight stores that read any of ``block_ids`` (finished ones are dropped)."""
+        self._gathering = [(event, blocks) for event, blocks in self._gathering if not event.query()]
+        wanted = set(block_ids.tolist())
+        return [event for event, blocks in self._gathering if not blocks.isdisjoint(wanted)]
+
+
+def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _pending(by_slot: dict[int, torch.cuda.Event], slots: torch.Tensor) -> list[torch.cuda.Event]:
+    """The unfinished events of ``slots`` in ``by_slot``, each once; finished ones are forgotten."""
+    pending: dict[int, torch.cuda.Event] = {}
+    for slot in set(slots.tolist()):
+        event = by_slot.get(slot)
+        if event is None:
+            continue
+        if event.query():
+            del by_slot[slot]
+        else:
+            pending[id(event)] = event
+    return list(pending.values())
+
+
+def _mark(by_slot: dict[int, torch.cuda.Event], slots: torch.Tensor, event: torch.cuda.Event) -> None:
+    for slot in set(slots.tolist()):
+        by_slot[slot] = event
