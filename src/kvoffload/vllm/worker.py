@@ -1,0 +1,330 @@
+"""Worker side: executes the scheduler's plans. Copies bytes, decides nothing.
+
+One instance per vLLM worker (GPU or TP rank). It owns the host pool, the copy backend and the worker
+ends of the persistent tiers. Each step it
+
+1. loads the planned chunks from host slots into vLLM blocks before the forward (``start_load_kv``),
+2. starts reading planned prefetches from disk/remote into host slots on background threads,
+3. after the forward, issues the planned stores from vLLM blocks into host slots on a side stream
+   (``wait_for_save``) without waiting for them,
+4. polls what finished and reports it (``get_finished`` / ``build_connector_worker_meta``): stored chunks
+   become loadable, stored chunks marked ``persist`` are handed to the tier writers, and a finished
+   request's blocks are released (``finished_sending``) only once every copy out of them completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvoffload.config import Settings
+from kvoffload.keys import ModelFingerprint
+from kvoffload.tiers.base import ChunkTier, PutResult
+from kvoffload.tiers.host_pool import HostPool
+from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
+from kvoffload.transfer.layout import paged_kv
+from kvoffload.vllm.persistent import storage_fingerprint
+from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
+from kvoffload.vllm.stats import KVOffloadStats
+
+logger = logging.getLogger("kvoffload")
+
+
+@dataclass
+class _Batch:
+    """Copies issued together, and how to time them."""
+
+    fence: Fence
+    copies: list[RequestCopies]
+    nbytes: int
+    started: float  # perf_counter at issue
+    start_event: Any = None  # CUDA event recorded on the compute stream at issue
+
+
+@dataclass
+class _RequestStores:
+    batches: list[_Batch] = field(default_factory=list)
+    tokens: int = 0
+    total_tokens: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+class OffloadWorker:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings) -> None:
+        self.settings = settings
+        self.kv_cache_config = kv_cache_config
+        parallel = vllm_config.parallel_config
+        self.world_size = parallel.world_size
+        self.rank = _tp_rank()
+        self.chunk_size = settings.chunk_size
+        self.pool: HostPool | None = None
+        self.backend: CopyBackend | None = None
+        self.tiers: list[ChunkTier] = []
+        self.writers: list[Any] = []
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._results: queue.SimpleQueue = queue.SimpleQueue()  # (kind, key, ok) from background threads
+        self._stores: list[_Batch] = []
+        self._loads: list[_Batch] = []
+        self._requests: dict[str, _RequestStores] = {}
+        self._finishing: set[str] = set()
+        self._report = WorkerReport()
+        self._stats = KVOffloadStats()
+        self._done_plans: dict[str, int] = {}  # which parts of the bound plan ran: "load"/"store" -> id(plan)
+        self._warned_not_ready = False
+
+    # ---- setup --------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], model_fingerprint: ModelFingerprint) -> None:
+        tensors = list(kv_caches.values())
+        if any(not isinstance(t, torch.Tensor) for t in tensors):
+            raise ValueError("kvoffload: this model has state caches (Mamba/linear attention); not supported")
+        kv = paged_kv(tensors, self.kv_cache_config.num_blocks)
+        block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        pages_per_slot = self.chunk_size // block_size
+        slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
+        num_slots = (self.settings.cpu_pool_bytes // self.world_size) // slot_bytes
+        on_gpu = kv.device.type == "cuda"
+        self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=on_gpu)
+        self.backend = make_copy_backend(kv, self.pool.tensor, self.settings.copy_backend)
+        first = tensors[0]
+        self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
+                       f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
+        self._report.layout = self.layout
+        fingerprint = storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size)
+        self._open_tiers(fingerprint)
+        logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB, %s copy path%s",
+                    self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
+                    self.backend.name, ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
+
+    def _open_tiers(self, fingerprint: bytes) -> None:
+        s = self.settings
+        if s.local_disk is not None:
+            from kvoffload.tiers.disk import DiskTier
+            self.tiers.append(DiskTier(s.local_disk, fingerprint, s.disk_bytes // self.world_size))
+        if s.remote_url is not None:
+            from kvoffload.tiers.redis_tier import RedisTier
+            self.tiers.append(RedisTier(s.remote_url, fingerprint, s.remote_password, s.remote_timeout,
+                                        s.remote_ttl))
+        if self.tiers:
+            from kvoffload.tiers.writer import AsyncWriter
+            self.writers = [AsyncWriter(tier) for tier in self.tiers]
+            self._prefetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvoffload-prefetch")
+
+    # ---- per step -----------------------------------------------------------------------------------
+
+    def handle_preemptions(self, plan: StepPlan | None) -> None:
+        """A preempted request's blocks are reused this very step: its stores must finish first."""
+        if not isinstance(plan, StepPlan):
+            return
+        for req_id in plan.preempted:
+            for batch in self._requests.get(req_id, _RequestStores()).batches:
+                batch.fence.wait()
+
+    def start_load_kv(self, plan: StepPlan | None) -> None:
+        if not isinstance(plan, StepPlan) or self._done_plans.get("load") == id(plan):
+            return
+        self._done_plans["load"] = id(plan)
+        assert self.pool is not None and self.backend is not None
+        if plan.slot_bytes and plan.slot_bytes != self.pool.tensor[0].numel():
+            raise RuntimeError(f"kvoffload: scheduler and worker disagree on the chunk size in bytes "
+                               f"({plan.slot_bytes} != {self.pool.tensor[0].numel()}); please report this")
+        if plan.loads:
+            self._loads.append(self._issue(plan.loads, self.backend.load))
+        for prefetch in plan.prefetches:
+            assert self._prefetcher is not None
+            self._prefetcher.submit(self._prefetch, prefetch.key, prefetch.slot, prefetch.num_pages)
+
+    def wait_for_save(self, plan: StepPlan | None) -> None:
+        if not isinstance(plan, StepPlan) or self._done_plans.get("store") == id(plan):
+            return
+        self._done_plans["store"] = id(plan)
+        if not plan.stores:
+            return
+        assert self.pool is not None and self.backend is not None
+        for copies in plan.stores:
+            self._requests.setdefault(copies.req_id, _RequestStores())
+        if not self.pool.ready:
+            if not self._warned_not_ready:
+                logger.info("kvoffload: host pool is still being pinned; skipping stores until it is ready")
+                self._warned_not_ready = True
+            for copies in plan.stores:
+                for chunk in copies.chunks:
+                    self._report.store_failed[chunk.key] += 1
+            self._stats.add("skipped_stores", sum(len(c.chunks) for c in plan.stores))
+            return
+        batch = self._issue(plan.stores, self.backend.store)
+        self._stores.append(batch)
+        for copies in plan.stores:
+            self._requests[copies.req_id].batches.append(batch)
+
+    def _issue(self, copies: list[RequestCopies], op: Any) -> _Batch:
+        block_ids, slots, pages = [], [], []
+        for request in copies:
+            for chunk in request.chunks:
+                block_ids.extend(chunk.block_ids)
+                slots.extend([chunk.slot] * len(chunk.block_ids))
+                pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
+        assert self.backend is not None
+        start_event = None
+        if self.backend.kv.device.type == "cuda":
+            start_event = torch.cuda.Event(enable_timing=True)
+            start_event.record()
+        started = time.perf_counter()
+        op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
+           torch.tensor(pages, dtype=torch.int64))
+        nbytes = len(block_ids) * self.backend.kv.num_layers * self.backend.kv.page_bytes
+        return _Batch(fence=self.backend.fence(), copies=copies, nbytes=nbytes, started=started,
+                      start_event=start_event)
+
+    def _prefetch(self, key: bytes, slot: int, num_pages: int) -> None:
+        assert self.pool is not None
+        ok = False
+        try:
+            for tier in self.tiers:
+                if self.pool.fill(slot, num_pages, lambda out, tier=tier: tier.get_into(key, out)):
+                    ok = True
+                    break
+        except Exception as exc:  # a tier bug must not kill the engine: the request recomputes
+            logger.warning("kvoffload: prefetch of a chunk failed (%s); recomputing it", exc)
+        self._results.put(("prefetch", key, ok))
+
+    # ---- completion ---------------------------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str], plan: StepPlan | None) -> tuple[set[str] | None, None]:
+        # On steps where vLLM ran no forward, make sure the bound plan still ran.
+        self.start_load_kv(plan)
+        self.wait_for_save(plan)
+        self._poll_loads()
+        self._poll_stores()
+        self._drain_results()
+        for req_id in finished_req_ids:
+            if req_id in self._requests:
+                self._finishing.add(req_id)
+        done: set[str] = set()
+        for req_id in list(self._finishing):
+            record = self._requests[req_id]
+            if all(batch.fence.done() for batch in record.batches):
+                done.add(req_id)
+                self._finishing.discard(req_id)
+                del self._requests[req_id]
+                if record.tokens:
+                    logger.info("Storing KV cache for %d out of %d tokens for request %s (%.1f MB, %.2f GB/s)",
+                                record.tokens, record.total_tokens, req_id, record.nbytes / 1e6,
+                                record.nbytes / record.seconds / 1e9 if record.seconds else 0.0)
+        return (done or None), None
+
+    def _seconds(self, batch: _Batch) -> float:
+        end_event = getattr(batch.fence, "event", None)
+        if batch.start_event is not None and end_event is not None:
+            try:
+                return batch.start_event.elapsed_time(end_event) / 1e3
+            except RuntimeError:  # the end event was recorded without timing enabled
+                pass
+        return time.perf_counter() - batch.started
+
+    def _poll_loads(self) -> None:
+        while self._loads and self._loads[0].fence.done():
+            batch = self._loads.pop(0)
+            seconds = self._seconds(batch)
+            self._stats.add("loaded_bytes", batch.nbytes)
+            self._stats.add("load_seconds", seconds)
+            for copies in batch.copies:
+                for chunk in copies.chunks:
+                    self._report.loaded[chunk.key] += 1
+                self._stats.add("loaded_chunks", len(copies.chunks))
+            total_tokens = sum(c.num_tokens for c in batch.copies)
+            for copies in batch.copies:
+                share = copies.num_tokens / total_tokens if total_tokens else 0
+                logger.info("Loaded KV cache for %d tokens of request %s (%.1f MB, %.2f GB/s)", copies.num_tokens,
+                            copies.req_id, batch.nbytes * share / 1e6, batch.nbytes / seconds / 1e9 if seconds else 0)
+
+    def _poll_stores(self) -> None:
+        assert self.pool is not None
+        while self._stores and self._stores[0].fence.done():
+            batch = self._stores.pop(0)
+            seconds = self._seconds(batch)
+            self._stats.add("stored_bytes", batch.nbytes)
+            self._stats.add("store_seconds", seconds)
+            pages_total = sum(len(ch.block_ids) for c in batch.copies for ch in c.chunks) or 1
+            for copies in batch.copies:
+                record = self._requests.get(copies.req_id)
+                pages = sum(len(ch.block_ids) for ch in copies.chunks)
+                if record is not None:
+                    record.tokens += copies.num_tokens
+                    record.total_tokens = copies.total_tokens
+                    record.nbytes += batch.nbytes * pages // pages_total
+                    record.seconds += seconds * pages / pages_total
+                for chunk in copies.chunks:
+                    self._report.stored[chunk.key] += 1
+                    if chunk.persist:
+                        self._persist(chunk.key, chunk.slot, chunk.num_pages)
+
+    def _persist(self, key: bytes, slot: int, num_pages: int) -> None:
+        assert self.pool is not None
+        payload = self.pool.payload(slot, num_pages)
+        outcomes: list[PutResult] = []
+
+        def done(result: PutResult) -> None:
+            outcomes.append(result)
+            if len(outcomes) == len(self.writers):
+                self._results.put(("persist", key, PutResult.STORED in outcomes))
+
+        for writer in self.writers:
+            writer.submit(key, payload, done)
+
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                kind, key, ok = self._results.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "prefetch":
+                (self._report.prefetched if ok else self._report.prefetch_failed)[key] += 1
+            else:
+                self._report.persisted[key] += 1
+                if ok:
+                    self._report.persisted_ok[key] += 1
+                self._stats.add("persisted_chunks" if ok else "persist_failures", 1)
+        for tier in self.tiers:
+            self._report.removed.update(tier.drain_removed())
+
+    def build_report(self) -> WorkerReport | None:
+        self._drain_results()
+        report, self._report = self._report, WorkerReport()
+        return None if report.is_empty() else report
+
+    def take_stats(self) -> KVOffloadStats | None:
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, KVOffloadStats()
+        return stats
+
+    def shutdown(self) -> None:
+        for batch in self._stores:
+            batch.fence.wait()
+        for writer in self.writers:
+            writer.close()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()
+        if self.backend is not None:
+            self.backend.close()
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        return get_tensor_model_parallel_rank()
+    except Exception:  # not initialised (unit tests driving the worker directly)
+        return 0
+
