@@ -33,6 +33,15 @@ class _TierError(Exception):
     """A tier could not be used (server down or refusing, directory missing): exit status 1."""
 
 
+_DESCRIPTION = """\
+Targets: --path DIR and/or --remote URL; with neither, local_disk and remote_url of the
+configuration (file and environment), i.e. what the engine uses. Every namespace (model, TP rank)
+is included.
+
+Exit status: 0 done; 1 bad chunks remain (verify without --fix) or a tier could not be used;
+2 configuration or usage error."""
+
+
 @dataclass(frozen=True)
 class _Targets:
     path: str | None
@@ -41,10 +50,10 @@ class _Targets:
 
 
 def add_cache_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``cache`` to the main parser's subcommands; each leaf sets ``func(args) -> exit status``."""
+    """Add ``cache`` to the main parser's subcommands; each leaf sets ``run(args) -> exit status``."""
     cache = subparsers.add_parser(
         "cache", help="list, verify or clear the stored chunks of the disk and Redis/Valkey tiers",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = cache.add_subparsers(dest="cache_command", metavar="{ls,verify,clear}", required=True)
 
     path = argparse.ArgumentParser(add_help=False)
@@ -55,14 +64,14 @@ def add_cache_commands(subparsers: argparse._SubParsersAction) -> None:
                              f"also come from {PASSWORD_ENV}")
 
     ls = commands.add_parser("ls", parents=[path, remote], help="chunks and bytes per namespace (model and rank)")
-    ls.set_defaults(func=_guarded(_ls))
+    ls.set_defaults(run=_guarded(_ls))
     verify = commands.add_parser("verify", parents=[path],
                                  help="check every disk chunk's header and checksum; exit 1 if bad ones remain")
     verify.add_argument("--fix", action="store_true", help="remove the bad chunks (they are recomputed when needed)")
-    verify.set_defaults(func=_guarded(_verify))
+    verify.set_defaults(run=_guarded(_verify))
     clear = commands.add_parser("clear", parents=[path, remote], help="remove every stored chunk")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    clear.set_defaults(func=_guarded(_clear))
+    clear.set_defaults(run=_guarded(_clear))
 
 
 def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
