@@ -1,8 +1,8 @@
 """A real ``redis-server`` for tests: random free port, own temporary directory, no persistence.
 
 ``stop()`` and ``start()`` keep the port, so a test can kill the server under a running tier and bring
-it back as a restart would; ``pause()``/``resume()`` freeze it to play a server that stalls. Use the ``redis_server`` fixture, or :class:`RedisServer` directly for a
-server with a password.
+it back as a restart would; ``pause()``/``resume()`` freeze it to play a server that stalls. Use the
+``redis_server`` fixture, or :class:`RedisServer` directly for a server with a password.
 """
 
 from __future__ import annotations

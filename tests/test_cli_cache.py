@@ -22,8 +22,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KVOFFLOAD_", "LMCACHE_"))}
     clean["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), clean.get("PYTHONPATH", "")])
     clean.update(env or {})
-    return subprocess.run([sys.executable, "-m", "kvoffload.cli", "cache", *args], capture_output=True, text=True, env=clean, stdin=subprocess.DEVNULL,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "kvoffload.cli", "cache", *args], capture_output=True, text=True,
+                          env=clean, stdin=subprocess.DEVNULL, timeout=60)
 
 
 def fill_disk(root: Path) -> None:

@@ -186,3 +186,11 @@ def test_list_keys_and_clear(tier: RedisTier, redis_server: RedisServer) -> None
     assert {e.bytes for e in entries} == {HEADER_SIZE + CHUNK}
     assert redis_tier.clear(raw) == 4
     assert redis_tier.list_keys(raw) == [] and raw.get(b"unrelated") == b"keep"
+
+
+def test_tls_schemes_use_tls_and_retries_are_off() -> None:
+    for url, connection_class in [("rediss://h:1/0", redis.SSLConnection), ("valkeys://h:1/0", redis.SSLConnection),
+                                  ("valkey://h:1/0", redis.Connection)]:
+        pool = redis_tier.connect(url, None, 0.1).connection_pool
+        assert pool.connection_class is connection_class
+        assert pool.connection_kwargs["retry"].get_retries() == 0  # retries would multiply the timeout

@@ -171,7 +171,7 @@ class DiskTier(ChunkTier):
             self._used += size
         with self._lock:
             victims = self._evict_locked(0)
-        self._delete_files(victims)
+        self._unlink(victims)
         logger.info("kvoffload disk tier at %s: %d chunks, %.3f of %.3f GB", self.namespace_dir,
                     len(self._index), self._used / 1e9, self.max_bytes / 1e9)
 
@@ -193,7 +193,7 @@ class DiskTier(ChunkTier):
                 return PutResult.SKIPPED
             self._used += size
             self._pending.add(key)
-        self._delete_files(victims)
+        self._unlink(victims)
 
         path = self._path(key)
         tmp = f"{path}{_TMP_MARK}{os.getpid()}.{threading.get_ident()}"
@@ -242,12 +242,12 @@ class DiskTier(ChunkTier):
             if xxhash.xxh3_128_digest(out) != header.checksum:
                 raise BadEntry("payload checksum mismatch")
         except FileNotFoundError:  # removed behind our back (cache clear): a plain miss
-            self._forget(key, path, delete=False)
+            self._forget(key, delete=False)
             with self._lock:
                 self.stats.misses += 1
             return False
         except BadEntry as exc:
-            self._forget(key, path, delete=True)
+            self._forget(key, delete=True)
             with self._lock:
                 self.stats.corrupt += 1
                 self.stats.misses += 1
@@ -255,7 +255,7 @@ class DiskTier(ChunkTier):
                               "this chunk", path, exc)
             return False
         except OSError as exc:
-            self._forget(key, path, delete=True)
+            self._forget(key, delete=True)
             with self._lock:
                 self.stats.errors += 1
                 self.stats.misses += 1
@@ -291,30 +291,41 @@ class DiskTier(ChunkTier):
         name = key.hex()
         return self.namespace_dir / name[:2] / f"{name}{SUFFIX}"
 
-    def _evict_locked(self, incoming: int) -> list[Path]:
-        """Drop least recently used entries until ``incoming`` more bytes fit; returns files to delete."""
-        victims: list[Path] = []
+    def _evict_locked(self, incoming: int) -> list[bytes]:
+        """Drop least recently used entries until ``incoming`` more bytes fit; returns keys to :meth:`_unlink`."""
+        victims: list[bytes] = []
         while self._index and self._used + incoming > self.max_bytes:
             key, size = self._index.popitem(last=False)
             self._used -= size
             self._removed.append(key)
+            self._pending.add(key)
             self.stats.evictions += 1
-            victims.append(self._path(key))
+            victims.append(key)
         return victims
 
-    def _delete_files(self, paths: list[Path]) -> None:
-        for path in paths:  # outside the lock; a reader holding the file open keeps reading it
-            _unlink_quietly(path)
+    def _unlink(self, keys: list[bytes]) -> None:
+        """Delete the files of keys already taken out of the index and marked pending.
 
-    def _forget(self, key: bytes, path: Path, delete: bool) -> None:
+        Outside the lock, since unlinking a large file takes a while; a reader holding the file open
+        keeps reading it. The keys stay pending until their file is gone, so a concurrent ``put`` of the
+        same key cannot publish a file that this unlink would then remove.
+        """
+        for key in keys:
+            _unlink_quietly(self._path(key))
+        with self._lock:
+            self._pending.difference_update(keys)
+
+    def _forget(self, key: bytes, delete: bool) -> None:
         with self._lock:
             size = self._index.pop(key, None)
             if size is None:
                 return
             self._used -= size
             self._removed.append(key)
+            if delete:
+                self._pending.add(key)
         if delete:
-            _unlink_quietly(path)
+            self._unlink([key])
 
 
 # -------------------------------------------------------------------- filesystem helpers
