@@ -27,13 +27,17 @@ logger = logging.getLogger(__name__)
 Done = Callable[[PutResult], None]
 #: Items per ``put_many`` call: enough to amortise a Redis round trip, small enough to keep latency low.
 MAX_BATCH = 16
+#: Default queue bound. Each queued item holds a host-pool slot (32 MiB for a 256-token chunk of
+#: Llama-8B), so the bound caps the pool taken by a slow tier: 32 items is ~1 GiB, about half a second
+#: of a fast NVMe drive's write rate; beyond that, skipping is cheaper than starving the pool.
+DEFAULT_MAX_PENDING = 32
 _STOP = None
 
 
 class AsyncWriter:
     """A bounded queue of ``(key, payload, done)`` and ``threads`` threads that store them on ``tier``."""
 
-    def __init__(self, tier: ChunkTier, max_pending: int, threads: int = 1) -> None:
+    def __init__(self, tier: ChunkTier, max_pending: int = DEFAULT_MAX_PENDING, threads: int = 1) -> None:
         if max_pending <= 0 or threads <= 0:
             raise ValueError(f"max_pending and threads must be > 0, got {max_pending} and {threads}")
         self.tier = tier
