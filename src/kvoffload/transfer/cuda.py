@@ -6,7 +6,7 @@ reads or writes host memory over PCIe slows a concurrent prefill by 79-143 %, wh
 the SMs only ever touch device memory (a few CTAs gather pages into staging, which is fast and short) and
 PCIe is always crossed by the copy engines in large runs.
 
-Each direction is a pipeline over *pieces* (windows of the copy list, ~32 MiB of pages): a kernel stream
+Each direction is a pipeline over *pieces* (windows of the copy list, up to 64 MiB of pages): a kernel stream
 and a DMA stream hand pieces to each other through events, double-buffered in a staging ring, so the
 kernel for piece *p+1* runs while piece *p* is on the wire. Stores and loads have separate pipelines so a
 load on the critical path never queues behind a long store; the hazards between them are ordered
@@ -29,9 +29,10 @@ import torch
 from kvoffload.transfer.base import CopyBackend, Fence, PagedKV
 from kvoffload.transfer.torch_copy import slot_runs
 
-PIECE_BYTES = 32 << 20
-"""Target size of one pipeline piece: large enough that each DMA runs at line rate, small enough that the
-first piece's gather (the only one not hidden behind a DMA) is short and the staging ring stays small."""
+PIECE_BYTES = 64 << 20
+"""Upper bound of one pipeline piece: a whole 256-token chunk of an 8B model (32-36 MiB) fits, so chunks
+cross PCIe as one line-rate DMA each; the first piece's gather (the only one not hidden behind a DMA)
+stays ~0.1 ms, and the staging ring stays at 2 x 64 MiB per direction."""
 
 RING = 2
 """Staging buffers per direction: one being filled while the other is on the wire."""
