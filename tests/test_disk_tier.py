@@ -217,6 +217,30 @@ def test_chunk_bigger_than_the_limit_is_skipped(tmp_path: Path) -> None:
     assert tier.stats.skipped_writes == 1 and tier.stats.errors == 0
 
 
+def test_room_reserved_by_writes_in_flight_skips_without_evicting(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10_000 + 2 * HEADER_SIZE)
+    assert tier.put(key(0), payload(0, 3000)) is PutResult.STORED
+    release, entered = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def slow_replace(src, dst):
+        if key(1).hex() in str(dst):
+            entered.set()
+            release.wait(5)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(disk.os, "replace", slow_replace)
+    writer = threading.Thread(target=tier.put, args=(key(1), payload(1, 6000)))
+    writer.start()
+    assert entered.wait(5)
+    assert tier.put(key(2), payload(2, 5000)) is PutResult.SKIPPED  # 6000 in flight + 5000 > the limit
+    assert tier.contains([key(0)]) == [True] and tier.stats.evictions == 0
+    release.set()
+    writer.join()
+    assert tier.contains([key(0), key(1), key(2)]) == [True, True, False]
+
+
 def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -142,8 +142,9 @@ class DiskTier(ChunkTier):
         self.namespace_dir = self.root / fingerprint.hex()[:16]
         self._lock = threading.Lock()
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, least recently used first
-        self._pending: set[bytes] = set()  # keys being written
-        self._used = 0  # bytes of indexed files plus reservations of writes in flight
+        self._pending: set[bytes] = set()  # keys whose file is being written or unlinked
+        self._used = 0  # bytes of indexed files plus those of writes in flight
+        self._in_flight = 0  # bytes reserved by writes in flight (not evictable)
         self._removed: list[bytes] = []
         self._log = OnceLog()
         _prepare_dir(self.namespace_dir, root)
@@ -184,14 +185,13 @@ class DiskTier(ChunkTier):
             if key in self._index:  # keys name their content: the stored bytes are already these
                 self._index.move_to_end(key)
                 return PutResult.STORED
-            if key in self._pending or size > self.max_bytes:
+            # Skipped: too big for the limit, already being written, or the room is reserved by writes in flight.
+            if key in self._pending or self._in_flight + size > self.max_bytes:
                 self.stats.skipped_writes += 1
                 return PutResult.SKIPPED
             victims = self._evict_locked(size)
-            if self._used + size > self.max_bytes:  # the rest is reserved by writes in flight
-                self.stats.skipped_writes += 1
-                return PutResult.SKIPPED
             self._used += size
+            self._in_flight += size
             self._pending.add(key)
         self._unlink(victims)
 
@@ -210,6 +210,7 @@ class DiskTier(ChunkTier):
             with self._lock:
                 self._pending.discard(key)
                 self._used -= size
+                self._in_flight -= size
                 self.stats.errors += 1
             name = errno.errorcode.get(exc.errno or 0, "OSError")
             self._log.warning(f"write:{name}", "kvoffload disk tier: cannot write chunks under %s: %s (%s); "
@@ -219,6 +220,7 @@ class DiskTier(ChunkTier):
         elapsed = time.perf_counter() - start
         with self._lock:
             self._pending.discard(key)
+            self._in_flight -= size
             self._index[key] = size
             self.stats.bytes_written += payload.nbytes
             self.stats.write_seconds += elapsed
