@@ -29,7 +29,7 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"
-exclude_patterns = ["_build", "**/.ipynb_checkpoints", "notebooks/nbval_sanitize.cfg"]
+exclude_patterns = ["_build", "_static/**", "**/.ipynb_checkpoints", "notebooks/nbval_sanitize.cfg"]
 nb_execution_mode = "off"       # nbval executes the notebook in CI; the build shows stored outputs
 myst_enable_extensions = ["colon_fence", "deflist", "substitution"]
 myst_heading_anchors = 3

@@ -10,7 +10,7 @@ python benchmarks/plot.py >/dev/null          # plots + results table from bench
 for lang in en zh_CN; do
   # jieba logs DEBUG lines on stderr for zh_CN; they are not warnings.
   sphinx-build -E -W --keep-going -n -q ${SPHINXOPTS:-} -c . -D language="$lang" \
-    -d "build/doctrees/$lang" docs "$OUT/$lang" 2> >(grep -vE "DEBUG jieba|^$" >&2)
+    -d "build/doctrees/$lang" docs "$OUT/$lang" 2> >(grep -vE "jieba|^Loading model cost|^Prefix dict has been|^Building prefix dict|^Dumping model|^$" >&2)
 done
 rm -rf "$OUT/jupyter_execute" build/jupyter_execute   # myst-nb's executed copies: not part of the site
 cat > "$OUT/index.html" <<'HTML'

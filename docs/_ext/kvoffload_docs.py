@@ -20,9 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-#: Benchmark numbers written by benchmarks/plot.py: data, not prose, so not translated.
-GENERATED_RESULTS = "_static/bench/results.md"
-
 MARKERS = ("settings-table", "env-table", "lmcache-refused", "lmcache-ignored")
 
 
@@ -125,20 +122,35 @@ from sphinx.transforms import SphinxTransform  # noqa: E402
 
 
 class KeepDocstringsEnglish(SphinxTransform):
-    """Keep autodoc docstrings out of the translation catalogs.
+    """Keep text that is not prose out of the translation catalogs.
 
-    Docstrings change with the code; translating them would tie every source edit to the catalogs.
-    The API reference page says that its generated part is in English. Runs before Sphinx's
-    ``Locale`` transform (priority 20), and ``gettext`` skips nodes marked ``translatable=False``.
+    - autodoc docstrings: they change with the code, and translating them would tie every source edit
+      to the catalogs; the API reference page says that its generated part is in English;
+    - paragraphs made only of inline code (the key, type and default cells of the settings table);
+    - anything inside a ``notranslate`` container (the generated benchmark results table).
+
+    Runs before Sphinx's ``Locale`` transform (priority 20); ``gettext`` skips nodes marked
+    ``translatable=False``.
     """
 
     default_priority = 15
 
     def apply(self, **kwargs) -> None:
         for node in self.document.findall(nodes.TextElement):
-            source = node.source or ""
-            if "docstring of " in source or source.replace("\\", "/").endswith(GENERATED_RESULTS):
+            if "docstring of " in (node.source or "") or _only_code(node):
                 node["translatable"] = False
+        for box in self.document.findall(nodes.container):
+            if "notranslate" in box["classes"]:
+                for node in box.findall(nodes.TextElement):
+                    node["translatable"] = False
+
+
+def _only_code(node: nodes.Element) -> bool:
+    """A paragraph made only of inline code (a table cell such as ``chunk_size``): nothing to translate."""
+    if not isinstance(node, nodes.paragraph) or not node.children:
+        return False
+    return all(isinstance(c, nodes.literal) or (isinstance(c, nodes.Text) and not c.strip())
+               for c in node.children)
 
 
 def setup(app):

@@ -1,0 +1,28 @@
+"""Pick the lines a user looks for out of a vLLM run's output, for the logs shown in the docs."""
+
+from __future__ import annotations
+
+import re
+
+_INTERESTING = re.compile(
+    r"kvoffload|Storing KV cache|Loaded KV cache|KV Transfer metrics|^(first|second) \(|"
+    r"^(First|Second) run|^Speedup|^(Cold|Warm) TTFT|^TTFT improvement|Application startup complete"
+)
+_TQDM = re.compile(r"^.*?(?=\((?:Worker|EngineCore|APIServer|MainProcess|VllmWorker)[^)]*pid=)")
+
+
+def interesting_lines(output: str) -> list[str]:
+    """Lines that mention kvoffload's lookups, stores, loads, or the examples' own results."""
+    lines = []
+    for raw in output.splitlines():
+        line = _TQDM.sub("", raw.rstrip())  # tqdm bars share a line with the log record
+        if "it/s]" in line and "(" not in line:
+            continue
+        if _INTERESTING.search(line):
+            lines.append(line)
+    return lines
+
+
+def hit_tokens(output: str) -> list[int]:
+    """The ``kvoffload hit tokens: H`` numbers of every scheduler lookup, in order."""
+    return [int(m) for m in re.findall(r"kvoffload hit tokens: (\d+)", output)]

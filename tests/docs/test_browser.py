@@ -1,0 +1,129 @@
+"""The built site in a real browser (Debian chromium via Playwright; never a downloaded browser).
+
+Served from 127.0.0.1: every internal link and anchor resolves, the language switcher round-trips,
+search finds results in English and in Chinese, and no page logs a console error.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+from urllib.parse import urldefrag, urljoin, urlparse
+
+import pytest
+
+pytestmark = pytest.mark.docs
+CHROMIUM = "/usr/bin/chromium"
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site_url(built_site: Path):
+    handler = functools.partial(_Quiet, directory=str(built_site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(f"pageerror: {exc}"))
+    page.on("console", lambda msg: page.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.on("response", lambda r: page.errors.append(f"HTTP {r.status} {r.url}")
+            if r.status >= 400 and not r.url.endswith("/favicon.ico") else None)
+    yield page
+    context.close()
+
+
+def _html_pages(built_site: Path, lang: str) -> list[str]:
+    root = built_site / lang
+    return sorted(str(p.relative_to(built_site)) for p in root.rglob("*.html")
+                  if "_static" not in p.parts and "_sources" not in p.parts)
+
+
+def test_root_redirects_to_a_language(page, site_url):
+    page.goto(site_url)
+    page.wait_for_url("**/en/index.html")
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("lang", ["en", "zh_CN"])
+def test_internal_links_and_anchors_resolve(page, site_url, built_site, lang):
+    failures, checked, cache = [], 0, {}
+    for rel in _html_pages(built_site, lang):
+        url = urljoin(site_url, rel)
+        page.goto(url)
+        hrefs = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+        for href in hrefs:
+            if urlparse(href).netloc != urlparse(site_url).netloc:
+                continue  # external links need the network; checked by linkcheck elsewhere
+            target, fragment = urldefrag(href)
+            if target not in cache:
+                response = page.request.get(target)
+                cache[target] = (response.status, response.text() if response.ok else "")
+            status, body = cache[target]
+            checked += 1
+            if status != 200:
+                failures.append(f"{rel}: {href} -> HTTP {status}")
+            elif fragment and f'id="{fragment}"' not in body:
+                failures.append(f"{rel}: {href} -> no anchor #{fragment}")
+    assert checked > 50
+    assert not failures, "\n".join(failures[:40])
+    assert page.errors == [], page.errors
+
+
+def test_language_switcher_round_trip(page, site_url):
+    page.goto(urljoin(site_url, "en/quickstart.html"))
+    assert page.locator("div.highlight pre").first.inner_text().strip(), "code blocks are not rendered"
+    page.click(".lang-switcher a.lang-link[hreflang='zh-CN']")
+    page.wait_for_url("**/zh_CN/quickstart.html")
+    assert "卸载" in page.locator("h1").first.inner_text()
+    assert page.locator("html").get_attribute("lang") == "zh-CN"
+    page.click(".lang-switcher a.lang-link[hreflang='en']")
+    page.wait_for_url("**/en/quickstart.html")
+    assert "Quickstart" in page.locator("h1").first.inner_text()
+    # Nested page: the switcher keeps the depth right.
+    page.goto(urljoin(site_url, "zh_CN/notebooks/quickstart.html"))
+    page.click(".lang-switcher a.lang-link[hreflang='en']")
+    page.wait_for_url("**/en/notebooks/quickstart.html")
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.parametrize("lang,query,expect", [
+    ("en", "offload", "quickstart"),
+    ("en", "eviction", "backends"),
+    ("zh_CN", "卸载", "quickstart"),
+    ("zh_CN", "预填充", "overview"),
+    ("zh_CN", "锁页内存", "backends"),
+])
+def test_search(page, site_url, lang, query, expect):
+    page.goto(urljoin(site_url, f"{lang}/search.html?q={query}"))
+    results = page.locator("#search-results li, ul.search li")
+    results.first.wait_for(timeout=15000)
+    hrefs = results.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href'))")
+    assert any(expect in (h or "") for h in hrefs), hrefs
+    assert page.errors == [], page.errors

@@ -1,0 +1,119 @@
+"""The documentation: generated reference, catalogs, translations, both builds, example configs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, example_env
+
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+
+pytestmark = pytest.mark.docs
+
+
+def test_settings_table_covers_every_key():
+    import kvoffload_docs
+    from kvoffload import config
+
+    table = kvoffload_docs.settings_table()
+    for name, key in config.KEYS.items():
+        assert f"`{name}`" in table and f"`KVOFFLOAD_{name.upper()}`" in table
+        assert key.help in table and key.accepted.replace("|", "\\|") in table
+    assert len(kvoffload_docs.settings_rows()) == len(config.KEYS)
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    for marker in kvoffload_docs.MARKERS:
+        assert f"<!-- kvoffload:{marker} -->" in page
+
+
+def test_translations_complete_fuzzy_counts_as_untranslated():
+    from check_translations import coverage
+
+    report = coverage("zh_CN")
+    assert report, "no zh_CN catalogs"
+    missing = {name: r["fuzzy"] + r["untranslated"] for name, r in report.items() if r["fuzzy"] or r["untranslated"]}
+    assert not missing, f"untranslated or fuzzy zh_CN messages: {json.dumps(missing, ensure_ascii=False)[:3000]}"
+    # Translations keep the roles and inline code of the English message (a dropped {doc} is a broken link).
+    import polib
+    for path in (ROOT / "locales" / "zh_CN" / "LC_MESSAGES").rglob("*.po"):
+        for entry in polib.pofile(str(path)):
+            for role in re.findall(r"\{(?:doc|ref|download)\}`[^`]+`", entry.msgid):
+                assert role in entry.msgstr, f"{path.name}: {role} missing from the translation of {entry.msgid[:80]!r}"
+
+
+def test_catalogs_in_sync_with_english_sources():
+    """gettext + sphinx-intl update must leave locales/ unchanged (scripts/check_docs.sh)."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "check_docs.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_both_languages_build(built_site: Path):
+    en = (built_site / "en" / "configuration.html").read_text(encoding="utf-8")
+    zh = (built_site / "zh_CN" / "configuration.html").read_text(encoding="utf-8")
+    assert '<html lang="en"' in en and '<html lang="zh-CN"' in zh
+    assert "配置参考" in zh and "配置参考" not in en
+    from kvoffload import config
+    for name in config.KEYS:  # the generated table is in both languages
+        assert name in en and name in zh
+    # Chinese words (segmented by jieba) are in the zh search index.
+    index = (built_site / "zh_CN" / "searchindex.js").read_text(encoding="utf-8")
+    for word in ("卸载", "配置", "预填充"):
+        assert word in index, word
+    # Example code is the same, untranslated, on both pages.
+    assert "KVOffloadConnector" in (built_site / "zh_CN" / "quickstart.html").read_text(encoding="utf-8")
+    assert not (built_site / "jupyter_execute").exists()
+
+
+def _example_config(path: Path):
+    from kvoffload.config import load_settings
+
+    return load_settings(environ={"KVOFFLOAD_CONFIG_FILE": str(path)})
+
+
+def test_example_config_files_are_valid():
+    cpu = _example_config(ROOT / "examples" / "kvoffload-cpu.yaml")
+    assert cpu.max_local_cpu_size == 5.0 and cpu.local_cpu and cpu.chunk_size == 256
+    tiers = _example_config(ROOT / "examples" / "kvoffload-tiers.yaml")
+    assert tiers.local_disk and tiers.max_local_disk_size > 0 and tiers.remote_url.startswith("redis://")
+
+
+def test_production_stack_values():
+    """The Helm values file parses, enables kvoffload, and its settings pass kvoffload's validation."""
+    from kvoffload.config import load_settings
+
+    values = yaml.safe_load((ROOT / "examples" / "production-stack" / "values-kvoffload.yaml").read_text())
+    specs = values["servingEngineSpec"]["modelSpec"]
+    assert len(specs) == 1
+    spec = specs[0]
+    assert spec["modelURL"] == "Qwen/Qwen3-8B"
+    assert "lmcacheConfig" not in spec
+    for key in ("name", "repository", "tag", "replicaCount", "requestCPU", "requestMemory", "requestGPU"):
+        assert key in spec, key
+    args = spec["vllmConfig"]["extraArgs"]
+    assert all(isinstance(a, str) for a in args)
+    ktc = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert ktc == {"kv_connector": "KVOffloadConnector", "kv_role": "kv_both"}
+    env = {e["name"]: e["value"] for e in spec["env"]}
+    assert all(isinstance(v, str) for v in env.values()), "Kubernetes env values must be strings"
+    settings = load_settings(environ=env)
+    assert settings.max_local_cpu_size == float(env["KVOFFLOAD_MAX_LOCAL_CPU_SIZE"])
+    request_gib = float(spec["requestMemory"].removesuffix("Gi"))
+    assert request_gib * 2**30 > settings.cpu_pool_bytes, "requestMemory must cover the CPU pool"
+
+
+def test_benchmark_plot_from_sample(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), "--results", str(tmp_path / "none"),
+                           "--out", str(out)], capture_output=True, text=True, env=example_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "ttft.png").stat().st_size > 1000 and (out / "speedup.png").stat().st_size > 1000
+    text = (out / "results.md").read_text()
+    assert "SAMPLE DATA" in text and "kvoffload CPU" in text
