@@ -194,3 +194,16 @@ def test_tls_schemes_use_tls_and_retries_are_off() -> None:
         pool = redis_tier.connect(url, None, 0.1).connection_pool
         assert pool.connection_class is connection_class
         assert pool.connection_kwargs["retry"].get_retries() == 0  # retries would multiply the timeout
+
+
+def test_server_out_of_memory_fails_the_writes_not_the_tier(tier: RedisTier, redis_server: RedisServer,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.config_set("maxmemory-policy", "noeviction")
+    raw.config_set("maxmemory", 1)  # every write is refused with OOM
+    with caplog.at_level(logging.WARNING, logger="kvoffload.tiers.redis_tier"):
+        assert tier.put_many([(key(i), payload(i)) for i in range(3)]) == [PutResult.FAILED] * 3
+    assert tier.stats.errors == 3
+    assert len(caplog.records) == 1 and "OutOfMemoryError" in caplog.records[0].getMessage()
+    raw.config_set("maxmemory", 0)
+    assert tier.put(key(1), payload(1)) is PutResult.STORED  # never marked down

@@ -113,7 +113,8 @@ class OnceLog:
     Later failures of the same kind are only counted in the tier's stats, which the metrics expose.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log: logging.Logger) -> None:
+        self._logger = log
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
@@ -122,7 +123,7 @@ class OnceLog:
             if kind in self._seen:
                 return
             self._seen.add(kind)
-        logger.warning(msg + " (further failures of this kind are only counted in the tier's stats)", *args)
+        self._logger.warning(msg + " (further failures of this kind are only counted in the tier's stats)", *args)
 
 
 class DiskTier(ChunkTier):
@@ -146,7 +147,7 @@ class DiskTier(ChunkTier):
         self._used = 0  # bytes of indexed files plus those of writes in flight
         self._in_flight = 0  # bytes reserved by writes in flight (not evictable)
         self._removed: list[bytes] = []
-        self._log = OnceLog()
+        self._log = OnceLog(logger)
         _prepare_dir(self.namespace_dir, root)
         self._load_index()
 

@@ -92,7 +92,7 @@ class RedisTier(ChunkTier):
         self._retry_at = 0.0
         self._probing = False
         self._removed: list[bytes] = []
-        self._log = OnceLog()
+        self._log = OnceLog(logger)
         if self._run(self._client.ping) is not None:
             logger.info("kvoffload remote tier %s: connected", self._where)
 
@@ -105,15 +105,12 @@ class RedisTier(ChunkTier):
         if not items:
             return []
         start = time.perf_counter()
-        entries = []
-        for key, payload in items:
-            view = byte_view(payload)
-            entries.append((self._name(key), b"".join((pack_header(key, self.fingerprint, view), view)), view.nbytes))
+        views = [(key, byte_view(payload)) for key, payload in items]
 
-        def send() -> list:
+        def send() -> list:  # builds the values only when the server is asked: no copies while down
             pipe = self._client.pipeline(transaction=False)
-            for name, value, _ in entries:
-                pipe.set(name, value, px=self._px)
+            for key, view in views:
+                pipe.set(self._name(key), b"".join((pack_header(key, self.fingerprint, view), view)), px=self._px)
             return pipe.execute(raise_on_error=False)
 
         replies = self._run(send)
@@ -122,17 +119,15 @@ class RedisTier(ChunkTier):
             with self._lock:
                 self.stats.errors += len(items)
             return [PutResult.FAILED] * len(items)
-        results = []
+        results = [PutResult.FAILED if isinstance(reply, Exception) else PutResult.STORED for reply in replies]
         with self._lock:
-            for reply, (_, _, nbytes) in zip(replies, entries):
-                if isinstance(reply, Exception):
-                    self.stats.errors += 1
-                    results.append(PutResult.FAILED)
-                    self._log_refusal("SET", reply)
-                else:
-                    self.stats.bytes_written += nbytes
-                    results.append(PutResult.STORED)
+            self.stats.errors += results.count(PutResult.FAILED)
+            self.stats.bytes_written += sum(view.nbytes for (_, view), result in zip(views, results)
+                                            if result is PutResult.STORED)
             self.stats.write_seconds += elapsed
+        for reply in replies:
+            if isinstance(reply, Exception):
+                self._log_refusal("SET", reply)
         return results
 
     def get_into(self, key: bytes, out: memoryview) -> bool:
@@ -256,9 +251,9 @@ class RedisTier(ChunkTier):
                            "every %.0f s", self._where, type(exc).__name__, self._mask(str(exc)), _RETRY_SECONDS)
 
     def _log_refusal(self, command: str, exc: Exception) -> None:
-        message = self._mask(str(exc))
-        self._log.warning(f"{command}:{message.split(' ', 1)[0]}", "kvoffload remote tier %s refused %s: %s",
-                          self._where, command, message)
+        kind = type(exc).__name__
+        self._log.warning(f"{command}:{kind}", "kvoffload remote tier %s refused %s: %s: %s", self._where, command,
+                          kind, self._mask(str(exc)))
 
     def _mask(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
