@@ -1,0 +1,42 @@
+"""Test-only connector variants, selected through ``kv_connector_module_path``.
+
+They exist to prove that the real tests are real: if loading is disabled the outputs must change, and
+the keys an engine computes must be the same after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kvoffload.vllm.connector import KVOffloadConnector
+from kvoffload.vllm.worker import OffloadWorker
+
+
+class NoLoadConnector(KVOffloadConnector):
+    """Claims the same hits as the real connector but writes zeros instead of the stored KV."""
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        plan = self._bound_plan()
+        worker: OffloadWorker = self._worker
+        if plan is not None and plan.loads:
+            for copies in plan.loads:
+                for chunk in copies.chunks:
+                    for layer in worker.backend.kv.layers:
+                        layer[chunk.block_ids] = 0
+            plan.loads = []
+        super().start_load_kv(forward_context, **kwargs)
+
+
+class KeyLogConnector(KVOffloadConnector):
+    """Appends each request's chunk keys to the file named by KVO_TEST_KEY_LOG."""
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        result = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        state = self._scheduler._requests.get(request.request_id)
+        if state is not None:
+            keys = [k.hex() for k in state.prompt_keys] + ([state.tail_key.hex()] if state.tail_key else [])
+            with open(os.environ["KVO_TEST_KEY_LOG"], "a") as log:
+                log.write(json.dumps({"prompt": list(request.prompt_token_ids[:8]), "keys": keys}) + "\n")
+        return result

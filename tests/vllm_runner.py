@@ -1,0 +1,49 @@
+"""Run one real vLLM engine in its own process and print what it generated, as JSON.
+
+Tests start this script with ``subprocess`` (one engine per process: vLLM engines hold process-wide
+state) and read the last stdout line. Spec (JSON, argv[1]):
+
+    model, prompts (strings or token-id lists), rounds, max_tokens, connector (null | "plugin" |
+    "module" | a module path holding a test connector), extra_config, engine (extra LLM kwargs)
+
+Output: ``{"rounds": [[token ids per prompt], ...], "metrics": {name: value}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    engine = dict(model=spec["model"], gpu_memory_utilization=0.3, max_model_len=8192, max_num_batched_tokens=512,
+                  enforce_eager=True, enable_prefix_caching=False, seed=0, disable_log_stats=False)
+    engine.update(spec.get("engine", {}))
+    connector = spec.get("connector")
+    if connector:
+        transfer = dict(kv_connector=spec.get("connector_name", "KVOffloadConnector"), kv_role="kv_both",
+                        kv_connector_extra_config=spec.get("extra_config", {}))
+        if connector != "plugin":
+            transfer["kv_connector_module_path"] = (
+                "kvoffload.vllm.connector" if connector == "module" else connector)
+        engine["kv_transfer_config"] = KVTransferConfig(**transfer)
+    llm = LLM(**engine)
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True)
+    rounds = []
+    for _ in range(spec.get("rounds", 1)):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        rounds.append([list(o.outputs[0].token_ids) for o in outputs])
+    metrics = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):
+            metrics[metric.name] = getattr(metric, "value", None)
+    print(json.dumps({"rounds": rounds, "metrics": metrics}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
