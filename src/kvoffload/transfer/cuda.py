@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -67,8 +68,8 @@ def extension() -> ModuleType:
     if missing:
         raise ExtensionUnavailable(f"kernel sources not found ({', '.join(missing)}); install with a CUDA "
                                    "torch and nvcc present to get a prebuilt extension")
-    digest = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}".encode())
-    for source in sorted(_CSRC.iterdir()):
+    digest = hashlib.sha256(f"{sys.version_info[:2]}|{torch.__version__}|{torch.version.cuda}".encode())
+    for source in sorted(p for p in _CSRC.iterdir() if p.is_file()):
         digest.update(source.name.encode() + source.read_bytes())
     build_dir = Path.home() / ".cache" / "kvoffload" / f"ext-{digest.hexdigest()[:16]}"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,7 @@ class CudaCopyBackend(CopyBackend):
                 pipe.dma.wait_event(pipe.ready)
                 self._runs(piece, buffer, to_host=True, stream=pipe.dma)
                 pipe.free[index].record(pipe.dma)
+            self._gathering = [(event, blocks) for event, blocks in self._gathering if not event.query()]
             self._gathering.append((_recorded(pipe.kernel), frozenset(block_ids.tolist())))
             _mark(self._stored_to, slots, _recorded(pipe.dma))
 
