@@ -139,7 +139,7 @@ def gemm_ms(issue_copies: Callable[[], None] | None, iters: int = 60) -> float:
 
 def check_sample(kv: PagedKV, pool: torch.Tensor, ids: torch.Tensor, picks: int = 8) -> bool:
     """A few pages of the copy list compared byte for byte (the tests cover everything; this guards the numbers)."""
-    block_ids, slots, pages = copy_list(ids)
+    block_ids, slots, pages = (t.tolist() for t in copy_list(ids))
     for i in torch.randperm(len(block_ids))[:picks].tolist():
         for layer in (0, kv.num_layers - 1):
             if not torch.equal(kv.layers[layer][block_ids[i]].cpu(), pool[slots[i], layer, pages[i]]):
