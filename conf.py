@@ -70,3 +70,6 @@ html_sidebars = {
 html_context = {"languages": [("en", "English"), ("zh_CN", "简体中文")]}
 html_last_updated_fmt = None
 html_copy_source = False
+# Chinese search: jieba segments the zh pages (and Sphinx's search JavaScript the query). Our terms
+# must be single dictionary words, or a query for "预填充" would look for a word the index split up.
+html_search_options = {"dict": str(ROOT / "docs" / "search_dict_zh.txt")}

@@ -9,30 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: Flags that make the examples fit a 2-core CPU runner with the tiny model. Prompts are longer than
-#: --max-num-batched-tokens so that each prompt spans several prefill chunks, as on a GPU.
-CPU_ENGINE_ARGS = ["--max-model-len", "4096", "--gpu-memory-utilization", "0.3",
-                   "--max-num-batched-tokens", "512"]
-
-#: Set DOCS_UPDATE_LOGS=1 to rewrite docs/_static/logs/*.log from the runs (then commit).
-UPDATE_LOGS = os.environ.get("DOCS_UPDATE_LOGS") == "1"
-
-
-def example_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
-    env.pop("KVOFFLOAD_CONFIG_FILE", None)
-    return env
-
-
-def write_log(name: str, lines: list[str], header: str) -> None:
-    if UPDATE_LOGS:
-        path = ROOT / "docs" / "_static" / "logs" / name
-        path.write_text(f"# {header}\n" + "\n".join(lines) + "\n", encoding="utf-8")
+from helpers import ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="session")

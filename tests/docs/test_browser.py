@@ -52,7 +52,10 @@ def page(browser):
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(f"pageerror: {exc}"))
-    page.on("console", lambda msg: page.errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    # A failed resource shows up twice: as a console error without its URL and as a response; the
+    # response handler below records it with the URL (and lets Chromium's automatic favicon pass).
+    page.on("console", lambda msg: page.errors.append(f"console: {msg.text}")
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
     page.on("response", lambda r: page.errors.append(f"HTTP {r.status} {r.url}")
             if r.status >= 400 and not r.url.endswith("/favicon.ico") else None)
     yield page

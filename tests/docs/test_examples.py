@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CPU_ENGINE_ARGS, ROOT, example_env, write_log
+from helpers import CPU_ENGINE_ARGS, ROOT, example_env, write_log
 from logfilter import hit_tokens, interesting_lines
 
 EXAMPLES = ROOT / "examples"

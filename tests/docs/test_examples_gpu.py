@@ -1,0 +1,52 @@
+"""The examples with their real-user defaults on an NVIDIA GPU (run by .github/workflows/gpu.yml).
+
+DOCS_GPU_MODEL overrides the model (default: Qwen/Qwen3-8B, which must be in the local HF cache or
+downloadable on the runner).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, example_env
+from logfilter import hit_tokens
+
+pytestmark = pytest.mark.gpu
+MODEL = os.environ.get("DOCS_GPU_MODEL", "Qwen/Qwen3-8B")
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def _run(args, timeout=1800):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=example_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc
+
+
+def test_offline_offload_gpu():
+    proc = _run([str(ROOT / "examples" / "offline_offload.py"), "--model", MODEL])
+    hits = hit_tokens(proc.stdout + proc.stderr)
+    assert hits and hits[0] == 0 and hits[-1] > 2000, hits
+
+
+def test_cpu_offloading_speedup_gpu():
+    proc = _run([str(ROOT / "examples" / "cpu_offloading_speedup.py"), "--model", MODEL, "--kvoffload"])
+    speedup = float(re.search(r"Speedup \(first run / second run\): ([\d.]+)x", proc.stdout).group(1))
+    print(proc.stdout)
+    assert speedup > 1.5, proc.stdout
+
+
+def test_spawn_troubleshooting_gpu():
+    proc = _run([str(ROOT / "examples" / "spawn_troubleshooting.py"), "--model", MODEL])
+    assert "start method: spawn" in proc.stdout
