@@ -195,6 +195,8 @@ class Settings:
     copy_backend: str = "auto"
     #: where each value came from: "default", "file:<path>", "env:<NAME>" or "kv_connector_extra_config"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    #: ``KVOFFLOAD_REMOTE_PASSWORD`` as read at load time; never printed
+    password_env: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def cpu_pool_bytes(self) -> int:
@@ -207,10 +209,10 @@ class Settings:
     @property
     def remote_password(self) -> str | None:
         """Password for the remote tier: ``KVOFFLOAD_REMOTE_PASSWORD`` wins over the URL's. Never logged."""
-        return os.environ.get(PASSWORD_ENV) or (urlparse(self.remote_url).password if self.remote_url else None)
+        return self.password_env or (urlparse(self.remote_url).password if self.remote_url else None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in KEYS}
 
     def redacted(self) -> dict[str, Any]:
         """The settings with any password in ``remote_url`` masked, for logs and the CLI."""
@@ -228,8 +230,8 @@ def redact_url(url: str) -> str:
     return parsed._replace(netloc=netloc).geturl()
 
 
-def _unknown_key_error(key: str, source: str) -> ConfigError:
-    lowered = key.lower()
+def _unknown_key_error(key: str, source: str, name: str | None = None) -> ConfigError:
+    lowered = name or key.lower()
     if lowered in LMCACHE_ONLY_KEYS:
         return ConfigError(
             f"{key!r} (from {source}) turns on {LMCACHE_ONLY_KEYS[lowered]}, an LMCache feature that kvoffload "
@@ -277,7 +279,7 @@ def _collect(raw: Mapping[str, Any], source: str, values: dict[str, Any], source
         if lmcache and name in LMCACHE_NOOP_KEYS:
             continue
         if name not in KEYS:
-            raise _unknown_key_error(str(key), source)
+            raise _unknown_key_error(str(key), source, name)
         values[name] = _parse_value(name, value, source)
         sources[name] = source
 
@@ -312,7 +314,7 @@ def load_settings(
                 if lmcache and name not in LMCACHE_ONLY_KEYS:
                     # Other LMCACHE_* variables belong to LMCache itself (it may be installed too).
                     continue
-                raise _unknown_key_error(env_name, f"environment variable {env_name}")
+                raise _unknown_key_error(env_name, f"environment variable {env_name}", name)
             values[name] = _parse_value(name, env[env_name], f"env:{env_name}")
             sources[name] = f"env:{env_name}"
             if lmcache:
@@ -324,7 +326,7 @@ def load_settings(
     if used_lmcache:
         logger.info("kvoffload: reading LMCache settings %s as kvoffload settings", ", ".join(sorted(set(used_lmcache))))
 
-    settings = Settings(**values, sources=sources)
+    settings = Settings(**values, sources=sources, password_env=env.get(PASSWORD_ENV) or None)
     _check_consistency(settings)
     return settings
 
