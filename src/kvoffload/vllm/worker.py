@@ -98,12 +98,12 @@ class OffloadWorker:
                        f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
         self._report.layout = self.layout
         fingerprint = storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size)
-        self._open_tiers(fingerprint)
+        self._open_tiers(fingerprint, num_slots)
         logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB, %s copy path%s",
                     self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
                     self.backend.name, ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
 
-    def _open_tiers(self, fingerprint: bytes) -> None:
+    def _open_tiers(self, fingerprint: bytes, num_slots: int) -> None:
         s = self.settings
         if s.local_disk is not None:
             from kvoffload.tiers.disk import DiskTier
@@ -114,7 +114,8 @@ class OffloadWorker:
                                         s.remote_ttl))
         if self.tiers:
             from kvoffload.tiers.writer import AsyncWriter
-            self.writers = [AsyncWriter(tier) for tier in self.tiers]
+            # Queued writes hold their host slots; an eighth of the pool keeps most of it serving hits.
+            self.writers = [AsyncWriter(tier, max_pending=max(4, num_slots // 8)) for tier in self.tiers]
             self._prefetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvoffload-prefetch")
 
     # ---- per step -----------------------------------------------------------------------------------

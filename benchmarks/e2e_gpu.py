@@ -1,0 +1,168 @@
+"""End-to-end benchmark on a GPU: no offloading vs vLLM native offloading vs kvoffload, one run.
+
+Dummy weights of a real architecture (``load_format="dummy"``: timings are the real model's, the tokens
+are meaningless), token-id prompts, ``enforce_eager``, 24 GB of GPU memory as in the seed script, vLLM's
+own prefix cache off so a repeated prefix is either recomputed or loaded from the offload tier. Each
+mode runs in its own process (one engine each); the parent prints a Markdown table and writes JSON.
+
+Scenarios
+  seed   the seed speedup script: 10 prompts x 10,000 tokens, max_tokens=1, run twice
+  twice  one 15,000-token prompt sent twice (cold / warm time to first token)
+
+Usage (on the GPU machine): python benchmarks/e2e_gpu.py --out results.json [--modes none,native,kvoffload]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCHS = {
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960,
+                     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="bfloat16",
+                     hidden_act="silu", attention_bias=False, bos_token_id=151643, eos_token_id=151645),
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         torch_dtype="bfloat16", hidden_act="silu", bos_token_id=128000, eos_token_id=128001),
+}
+POOL_GIB = 15.0  # the same host memory for vLLM native (GiB) and kvoffload (converted to GB)
+
+
+def write_config(arch: str) -> str:
+    path = Path(tempfile.gettempdir()) / f"kvoffload-bench-{arch}"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(ARCHS[arch]))
+    return str(path)
+
+
+def seed_prompts(num: int = 10, tokens: int = 10_000) -> list[list[int]]:
+    hi = 13048  # any fixed id: the body is the same "Hi Hi Hi ..." for every prompt
+    return [[1000 + i, 2000 + i] + [hi] * tokens + [3000, 3001] for i in range(num)]
+
+
+def run_mode(mode: str, arch: str, scenarios: list[str]) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    kwargs: dict = dict(model=write_config(arch), load_format="dummy", skip_tokenizer_init=True,
+                        enforce_eager=True, max_model_len=16384, enable_prefix_caching=False,
+                        gpu_memory_utilization=24 / total, seed=0)
+    if mode == "native":
+        kwargs.update(kv_offloading_size=POOL_GIB, kv_offloading_backend="native")
+    elif mode.startswith("kvoffload"):
+        extra = {"max_local_cpu_size": POOL_GIB * 2**30 / 1e9}
+        if mode == "kvoffload_disk":
+            extra.update(local_disk=tempfile.mkdtemp(prefix="kvoffload-disk-"), max_local_disk_size=40)
+        kwargs["kv_transfer_config"] = KVTransferConfig(kv_connector="KVOffloadConnector", kv_role="kv_both",
+                                                        kv_connector_module_path="kvoffload.vllm.connector",
+                                                        kv_connector_extra_config=extra)
+    start = time.perf_counter()
+    llm = LLM(**kwargs)
+    result: dict = {"mode": mode, "arch": arch, "engine_start_s": time.perf_counter() - start}
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def timed(prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+        t = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - t, [list(o.outputs[0].token_ids) for o in outs]
+
+    timed([[5, 6, 7, 8] * 64])  # warm-up: first-call overheads are nobody's offloading cost
+    if mode != "none":
+        result["tier_ready_s"] = wait_until_serving(llm, params) + result["engine_start_s"]
+    if "seed" in scenarios:
+        prompts = seed_prompts()
+        t1, out1 = timed(prompts)
+        t2, out2 = timed(prompts)
+        result["seed"] = {"run1_s": t1, "run2_s": t2, "speedup": t1 / t2, "tokens": [out1, out2]}
+    if "twice" in scenarios:
+        prompt = [[4000 + (i % 5000) for i in range(15_000)]]
+        cold, o1 = timed(prompt)
+        warm, o2 = timed(prompt)
+        result["twice"] = {"cold_s": cold, "warm_s": warm, "tokens": [o1, o2]}
+    return result
+
+
+def wait_until_serving(llm, params, limit_s: float = 120.0) -> float:
+    """Seconds until a repeated 512-token prompt hits the offload tier (the host pool pins in the background).
+
+    Each probe uses a new prompt, sent twice; vLLM's prefix cache is off, so a cached-token count above zero
+    on the second copy can only come from the offload tier.
+    """
+    start = time.perf_counter()
+    probe = 0
+    while time.perf_counter() - start < limit_s:
+        prompt = {"prompt_token_ids": [50_000 + probe] + [7] * 511}
+        llm.generate([prompt], params, use_tqdm=False)
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        if (out.num_cached_tokens or 0) > 0:
+            return time.perf_counter() - start
+        probe += 1
+        time.sleep(0.2)
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="none,native,kvoffload")
+    parser.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHS))
+    parser.add_argument("--scenarios", default="seed,twice")
+    parser.add_argument("--out", default="e2e_gpu.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    scenarios = args.scenarios.split(",")
+    if args.child:
+        print("RESULT " + json.dumps(run_mode(args.child, args.arch, scenarios)), flush=True)
+        return
+    results = []
+    for mode in args.modes.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--arch", args.arch,
+                               "--scenarios", args.scenarios], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        Path(args.out).with_suffix(f".{mode}.log").write_text(proc.stdout + proc.stderr)
+        if not lines:
+            print(f"{mode}: FAILED (exit {proc.returncode}); see the log", flush=True)
+            continue
+        results.append(json.loads(lines[-1][7:]))
+        print(f"{mode}: done", flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "arch": args.arch}
+    try:
+        import torch
+        import vllm
+        meta.update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, vllm=vllm.__version__)
+    except Exception:
+        pass
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(table(meta, results))
+
+
+def table(meta: dict, results: list[dict]) -> str:
+    base = {r["mode"]: r for r in results}.get("none")
+    rows = [f"{meta}", "", "| mode | engine start s | tier ready s | seed run1 s | seed run2 s | speedup | twice cold s | "
+            "twice warm s | tokens = none |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        seed, twice = r.get("seed", {}), r.get("twice", {})
+        same = "-"
+        if base is not None and r is not base:
+            same = str(all(r.get(s, {}).get("tokens") == base.get(s, {}).get("tokens") for s in ("seed", "twice")))
+        rows.append(f"| {r['mode']} | {r['engine_start_s']:.1f} | {r.get('tier_ready_s', 0):.1f} | "
+                    f"{seed.get('run1_s', 0):.3f} | "
+                    f"{seed.get('run2_s', 0):.3f} | {seed.get('speedup', 0):.2f}x | {twice.get('cold_s', 0):.3f} | "
+                    f"{twice.get('warm_s', 0):.3f} | {same} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
