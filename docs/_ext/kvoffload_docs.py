@@ -11,6 +11,10 @@ Markers:
     values and meaning.
 ``<!-- kvoffload:env-table -->``
     the environment variables that are not settings (config file, password).
+``<!-- kvoffload:config-example -->``
+    the real output of ``kvoffload config`` with a valid and an invalid setting, run at build time.
+``<!-- kvoffload:cli-help -->``
+    the ``--help`` output of every ``kvoffload`` subcommand, from :func:`kvoffload.cli.build_parser`.
 ``<!-- kvoffload:lmcache-refused -->`` / ``<!-- kvoffload:lmcache-ignored -->``
     LMCache keys that kvoffload refuses (feature not available) or accepts and ignores.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-MARKERS = ("settings-table", "env-table", "lmcache-refused", "lmcache-ignored")
+MARKERS = ("config-example", "cli-help", "settings-table", "env-table", "lmcache-refused", "lmcache-ignored")
 
 
 def _cell(text: str) -> str:
@@ -97,7 +101,60 @@ def lmcache_ignored() -> str:
     return ", ".join(f"`{name}`" for name in sorted(config.LMCACHE_NOOP_KEYS))
 
 
+def _walk(parser, prefix):
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, f"{prefix} {name}")
+
+
+def cli_help() -> str:
+    """``--help`` of the ``kvoffload`` command and of every subcommand, from its argparse parser."""
+    import os
+
+    from kvoffload.cli import build_parser
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width: make the page reproducible
+    try:
+        parts = [f"$ {name} --help\n{sub.format_help().rstrip()}" for name, sub in _walk(build_parser(), "kvoffload")]
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = old
+    body = "\n\n".join(parts).replace("```", "` ` `")
+    return "```text\n" + body + "\n```"
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    clean = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": src, "COLUMNS": "100", **env}
+    proc = subprocess.run([sys.executable, "-m", "kvoffload.cli", *args], env=clean, capture_output=True,
+                          text=True, timeout=120)
+    shown = " ".join(f"{k}={v}" for k, v in env.items())
+    out = (proc.stdout + proc.stderr).rstrip()
+    return f"$ {shown} kvoffload {' '.join(args)}\n{out}\n$ echo $?\n{proc.returncode}"
+
+
+def config_example() -> str:
+    """Real output of ``kvoffload config``, run at build time: a valid and an invalid setting."""
+    good = _run_cli(["config"], {"KVOFFLOAD_MAX_LOCAL_CPU_SIZE": "20"})
+    bad = _run_cli(["config"], {"KVOFFLOAD_MAX_LOCAL_CPU_SIZE": "5GB"})
+    return "```text\n" + good + "\n\n" + bad + "\n```"
+
+
 RENDERERS = {
+    "config-example": config_example,
+    "cli-help": cli_help,
     "settings-table": settings_table,
     "env-table": env_table,
     "lmcache-refused": lmcache_refused,

@@ -26,3 +26,15 @@ def interesting_lines(output: str) -> list[str]:
 def hit_tokens(output: str) -> list[int]:
     """The ``kvoffload hit tokens: H`` numbers of every scheduler lookup, in order."""
     return [int(m) for m in re.findall(r"kvoffload hit tokens: (\d+)", output)]
+
+
+def hits_by_request(output: str) -> dict[str, int]:
+    """Request id -> ``kvoffload hit tokens`` of its last lookup, in order of first appearance.
+
+    The scheduler may look a request up more than once (for example while it waits for a token
+    budget), so tests compare requests, not log lines.
+    """
+    result: dict[str, int] = {}
+    for req, hits in re.findall(r"Reqid: ([^,\s]+), Total tokens \d+, kvoffload hit tokens: (\d+)", output):
+        result[req] = int(hits)
+    return result

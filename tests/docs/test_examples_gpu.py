@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from helpers import ROOT, example_env
-from logfilter import hit_tokens
+from logfilter import hits_by_request
 
 pytestmark = pytest.mark.gpu
 MODEL = os.environ.get("DOCS_GPU_MODEL", "Qwen/Qwen3-8B")
@@ -36,8 +36,8 @@ def _run(args, timeout=1800):
 
 def test_offline_offload_gpu():
     proc = _run([str(ROOT / "examples" / "offline_offload.py"), "--model", MODEL])
-    hits = hit_tokens(proc.stdout + proc.stderr)
-    assert hits and hits[0] == 0 and hits[-1] > 2000, hits
+    hits = list(hits_by_request(proc.stdout + proc.stderr).values())
+    assert len(hits) == 2 and hits[0] == 0 and hits[1] > 2000, hits
 
 
 def test_cpu_offloading_speedup_gpu():
