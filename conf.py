@@ -31,7 +31,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-n
 root_doc = "index"
 exclude_patterns = ["_build", "_static/**", "**/.ipynb_checkpoints", "notebooks/nbval_sanitize.cfg"]
 nb_execution_mode = "off"       # nbval executes the notebook in CI; the build shows stored outputs
-myst_enable_extensions = ["colon_fence", "deflist", "substitution"]
+myst_enable_extensions = ["attrs_block", "colon_fence", "deflist", "substitution"]
 myst_heading_anchors = 3
 
 # i18n. ABSOLUTE path: Sphinx joins a relative one to docs/, sphinx-intl to the conf.py directory.

@@ -4,8 +4,8 @@
 #   scripts/check_docs.sh update    # regenerate the catalogs after editing English pages
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sphinx-build -q -b gettext -c . docs build/gettext
-sphinx-intl update -p build/gettext -l zh_CN -d locales --no-obsolete -w 100 >/dev/null
+sphinx-build -E -q -b gettext -c . docs build/gettext
+sphinx-intl update -p build/gettext -l zh_CN -d locales --no-obsolete >/dev/null
 if [[ "${1:-}" == "update" ]]; then
   echo "catalogs updated: translate new and fuzzy entries in locales/zh_CN/LC_MESSAGES"
   exit 0

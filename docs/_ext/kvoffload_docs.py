@@ -59,15 +59,15 @@ def settings_rows() -> list[dict[str, str]]:
 
 def settings_table() -> str:
     lines = [
-        "| Setting | Environment variable | Type | Default | Accepted values | Meaning |",
-        "|---|---|---|---|---|---|",
+        "| Setting and environment variable | Type and default | Accepted values | Meaning |",
+        "|---|---|---|---|",
     ]
     for row in settings_rows():
         lines.append(
-            f"| `{row['name']}` | `{row['env']}` | `{row['type']}` | {row['default']} "
+            f"| `{row['name']}`<br>`{row['env']}` | `{row['type']}`<br>{row['default']} "
             f"| {_cell(row['accepted'])} | {_cell(row['help'])} |"
         )
-    return "\n".join(lines)
+    return "{.settings-table}\n" + "\n".join(lines)  # class via MyST attrs_block, for the CSS
 
 
 def env_table() -> str:
@@ -171,7 +171,15 @@ def render_markers(text: str) -> str:
 
 
 def _source_read(app, docname: str, source: list[str]) -> None:
-    source[0] = render_markers(source[0])
+    rendered = render_markers(source[0])
+    if rendered != source[0]:
+        # Re-read this page when the code it is generated from changes.
+        import kvoffload.cli
+        import kvoffload.config
+
+        for module in (kvoffload.config, kvoffload.cli):
+            app.env.note_dependency(module.__file__)
+        source[0] = rendered
 
 
 from docutils import nodes  # noqa: E402
@@ -207,6 +215,7 @@ def _only_code(node: nodes.Element) -> bool:
     if not isinstance(node, nodes.paragraph) or not node.children:
         return False
     return all(isinstance(c, nodes.literal) or (isinstance(c, nodes.Text) and not c.strip())
+               or (isinstance(c, nodes.raw) and c.astext().strip() in {"<br>", "<br/>"})
                for c in node.children)
 
 
