@@ -58,7 +58,8 @@ def run_engine(spec: dict, env: dict | None = None, timeout: float = 420, expect
     """Run tests/vllm_runner.py with ``spec``; one engine, one process."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                               **(env or {})})
     log = proc.stdout + proc.stderr
     if not expect_ok:
         return EngineRun(rounds=[], metrics={"returncode": proc.returncode}, log=log)

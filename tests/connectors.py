@@ -23,7 +23,7 @@ class NoLoadConnector(KVOffloadConnector):
         if plan is not None and plan.loads:
             for copies in plan.loads:
                 for chunk in copies.chunks:
-                    for layer in worker.backend.kv.layers:
+                    for layer in worker.kv.layers:
                         layer[chunk.block_ids] = 0
             plan.loads = []
         super().start_load_kv(forward_context, **kwargs)

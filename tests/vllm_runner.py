@@ -3,7 +3,8 @@
 Tests start this script with ``subprocess`` (one engine per process: vLLM engines hold process-wide
 state) and read the last stdout line. Spec (JSON, argv[1]):
 
-    model, prompts (strings or token-id lists), rounds, max_tokens, connector (null | "plugin" |
+    model, prompts (strings or token-id lists), rounds, or orders (prompt indexes per round; outputs
+    are reported in prompt order), max_tokens, connector (null | "plugin" |
     "module" | a module path holding a test connector), extra_config, engine (extra LLM kwargs)
 
 Output: ``{"rounds": [[token ids per prompt], ...], "metrics": {name: value}}``.
@@ -35,9 +36,11 @@ def main() -> None:
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True)
     rounds = []
-    for _ in range(spec.get("rounds", 1)):
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        rounds.append([list(o.outputs[0].token_ids) for o in outputs])
+    orders = spec.get("orders") or [list(range(len(prompts)))] * spec.get("rounds", 1)
+    for order in orders:
+        outputs = llm.generate([prompts[i] for i in order], params, use_tqdm=False)
+        by_prompt = dict(zip(order, (list(o.outputs[0].token_ids) for o in outputs)))
+        rounds.append([by_prompt[i] for i in sorted(by_prompt)])
     metrics = {}
     for metric in llm.get_metrics():
         if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):

@@ -40,6 +40,10 @@ class Fence(ABC):
     @abstractmethod
     def wait(self) -> None: ...
 
+    def seconds_since(self, start: "torch.cuda.Event") -> float | None:
+        """GPU time from ``start`` (a timing event on the compute stream) to the fenced copies' end, once done."""
+        return None
+
 
 class DoneFence(Fence):
     """The fence of a synchronous backend: everything is finished when the call returns."""

@@ -139,6 +139,10 @@ class _EventsFence(Fence):
         for event in self.events:
             event.synchronize()
 
+    def seconds_since(self, start: torch.cuda.Event) -> float | None:
+        # events recorded before ``start`` give negative times; the latest one ends the copies
+        return max(start.elapsed_time(event) for event in self.events) / 1e3
+
 
 class _Pipeline:
     """One direction: a kernel stream, a DMA stream, and a ring of staging buffers they hand over.
@@ -288,7 +292,7 @@ class CudaCopyBackend(CopyBackend):
 
 
 def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    event = torch.cuda.Event()
+    event = torch.cuda.Event(enable_timing=True)
     event.record(stream)
     return event
 

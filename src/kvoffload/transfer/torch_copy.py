@@ -35,6 +35,9 @@ class _CudaFence(Fence):
     def wait(self) -> None:
         self.event.synchronize()
 
+    def seconds_since(self, start: torch.cuda.Event) -> float | None:
+        return start.elapsed_time(self.event) / 1e3
+
 
 class TorchCopyBackend(CopyBackend):
     name = "torch"
@@ -97,6 +100,6 @@ class TorchCopyBackend(CopyBackend):
     def fence(self) -> Fence:
         if not self._cuda:
             return DoneFence()
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=True)
         event.record(self._stream)
         return _CudaFence(event)

@@ -92,16 +92,25 @@ class OffloadWorker:
         num_slots = (self.settings.cpu_pool_bytes // self.world_size) // slot_bytes
         on_gpu = kv.device.type == "cuda"
         self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=on_gpu)
-        self.backend = make_copy_backend(kv, self.pool.tensor, self.settings.copy_backend)
+        self.kv = kv
+        if not on_gpu:
+            self.backend = make_copy_backend(kv, self.pool.tensor, self.settings.copy_backend)
         first = tensors[0]
         self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
                        f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
         self._report.layout = self.layout
         fingerprint = storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size)
         self._open_tiers(fingerprint, num_slots)
-        logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB, %s copy path%s",
+        logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB%s",
                     self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
-                    self.backend.name, ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
+                    ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
+
+    def _ready_backend(self) -> CopyBackend | None:
+        """The copy backend, created once the host pool is pinned (the CUDA path needs pinned memory)."""
+        if self.backend is None and self.pool is not None and self.pool.ready:
+            self.backend = make_copy_backend(self.kv, self.pool.tensor, self.settings.copy_backend)
+            logger.info("kvoffload: %s copy path ready", self.backend.name)
+        return self.backend
 
     def _open_tiers(self, fingerprint: bytes, num_slots: int) -> None:
         s = self.settings
@@ -132,12 +141,14 @@ class OffloadWorker:
         if not isinstance(plan, StepPlan) or self._done_plans.get("load") == id(plan):
             return
         self._done_plans["load"] = id(plan)
-        assert self.pool is not None and self.backend is not None
+        assert self.pool is not None
         if plan.slot_bytes and plan.slot_bytes != self.pool.tensor[0].numel():
             raise RuntimeError(f"kvoffload: scheduler and worker disagree on the chunk size in bytes "
                                f"({plan.slot_bytes} != {self.pool.tensor[0].numel()}); please report this")
         if plan.loads:
-            self._loads.append(self._issue(plan.loads, self.backend.load))
+            backend = self._ready_backend()
+            assert backend is not None, "a load was planned before any store could complete"
+            self._loads.append(self._issue(plan.loads, backend.load))
         for prefetch in plan.prefetches:
             assert self._prefetcher is not None
             self._prefetcher.submit(self._prefetch, prefetch.key, prefetch.slot, prefetch.num_pages)
@@ -148,10 +159,10 @@ class OffloadWorker:
         self._done_plans["store"] = id(plan)
         if not plan.stores:
             return
-        assert self.pool is not None and self.backend is not None
         for copies in plan.stores:
             self._requests.setdefault(copies.req_id, _RequestStores())
-        if not self.pool.ready:
+        backend = self._ready_backend()
+        if backend is None:
             if not self._warned_not_ready:
                 logger.info("kvoffload: host pool is still being pinned; skipping stores until it is ready")
                 self._warned_not_ready = True
@@ -160,7 +171,7 @@ class OffloadWorker:
                     self._report.store_failed[chunk.key] += 1
             self._stats.add("skipped_stores", sum(len(c.chunks) for c in plan.stores))
             return
-        batch = self._issue(plan.stores, self.backend.store)
+        batch = self._issue(plan.stores, backend.store)
         self._stores.append(batch)
         for copies in plan.stores:
             self._requests[copies.req_id].batches.append(batch)
@@ -174,13 +185,13 @@ class OffloadWorker:
                 pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
         assert self.backend is not None
         start_event = None
-        if self.backend.kv.device.type == "cuda":
+        if self.kv.device.type == "cuda":
             start_event = torch.cuda.Event(enable_timing=True)
             start_event.record()
         started = time.perf_counter()
         op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
            torch.tensor(pages, dtype=torch.int64))
-        nbytes = len(block_ids) * self.backend.kv.num_layers * self.backend.kv.page_bytes
+        nbytes = len(block_ids) * self.kv.num_layers * self.kv.page_bytes
         return _Batch(fence=self.backend.fence(), copies=copies, nbytes=nbytes, started=started,
                       start_event=start_event)
 
@@ -222,12 +233,10 @@ class OffloadWorker:
         return (done or None), None
 
     def _seconds(self, batch: _Batch) -> float:
-        end_event = getattr(batch.fence, "event", None)
-        if batch.start_event is not None and end_event is not None:
-            try:
-                return batch.start_event.elapsed_time(end_event) / 1e3
-            except RuntimeError:  # the end event was recorded without timing enabled
-                pass
+        if batch.start_event is not None:
+            seconds = batch.fence.seconds_since(batch.start_event)
+            if seconds is not None:
+                return max(seconds, 1e-9)
         return time.perf_counter() - batch.started
 
     def _poll_loads(self) -> None:
