@@ -71,6 +71,10 @@ def test_both_languages_build(built_site: Path):
     # Example code is the same, untranslated, on both pages.
     assert "KVOffloadConnector" in (built_site / "zh_CN" / "quickstart.html").read_text(encoding="utf-8")
     assert not (built_site / "jupyter_execute").exists()
+    # The CLI page shows real `kvoffload config` runs: a valid setting (exit 0) and an invalid one (exit 2).
+    cli = (built_site / "en" / "cli.html").read_text(encoding="utf-8")
+    assert "env:KVOFFLOAD_MAX_LOCAL_CPU_SIZE" in cli and "expected a number of GB &gt;= 0" in cli
+    assert "$ kvoffload cache verify --help" in cli
 
 
 def _example_config(path: Path):
