@@ -1,17 +1,41 @@
 #!/usr/bin/env bash
-# Documentation checks that need no vLLM engine.
-#   scripts/check_docs.sh           # catalogs in sync + 100% translated (fuzzy = untranslated)
+# Documentation checks.
+#   scripts/check_docs.sh           # catalogs in sync + 100% zh_CN translated (fuzzy = untranslated); no vLLM
 #   scripts/check_docs.sh update    # regenerate the catalogs after editing English pages
+#   scripts/check_docs.sh all       # everything CI runs for the docs: page doctests, catalogs, both builds,
+#                                   # browser check, every example on vLLM (tiny model), notebook (nbval)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sphinx-build -E -q -b gettext -c . docs build/gettext
-sphinx-intl update -p build/gettext -l zh_CN -d locales --no-obsolete >/dev/null
-if [[ "${1:-}" == "update" ]]; then
-  echo "catalogs updated: translate new and fuzzy entries in locales/zh_CN/LC_MESSAGES"
-  exit 0
-fi
-git diff --exit-code --stat -- locales/ || {
-  echo "stale catalogs: run scripts/check_docs.sh update, translate, and commit locales/" >&2; exit 1; }
-untracked=$(git ls-files --others --exclude-standard -- locales/)
-[[ -z "$untracked" ]] || { echo "new catalogs not committed: $untracked" >&2; exit 1; }
-python tests/docs/check_translations.py --lang zh_CN --min 100
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+catalogs() {
+  # -E: pages generated from the code (settings table, CLI help) must be re-read every time.
+  sphinx-build -E -q -b gettext -c . docs build/gettext
+  sphinx-intl update -p build/gettext -l zh_CN -d locales --no-obsolete >/dev/null
+}
+
+case "${1:-check}" in
+  update)
+    catalogs
+    echo "catalogs updated: translate new and fuzzy entries in locales/zh_CN/LC_MESSAGES"
+    ;;
+  check)
+    catalogs
+    git diff --exit-code --stat -- locales/ || {
+      echo "stale catalogs: run scripts/check_docs.sh update, translate, and commit locales/" >&2; exit 1; }
+    untracked=$(git ls-files --others --exclude-standard -- locales/)
+    [[ -z "$untracked" ]] || { echo "new catalogs not committed: $untracked" >&2; exit 1; }
+    python tests/docs/check_translations.py --lang zh_CN --min 100
+    ;;
+  all)
+    tiny="${DOCS_TINY_MODEL:-$PWD/build/tiny-model}"
+    python tests/tiny_model.py "$tiny" >/dev/null
+    export DOCS_TINY_MODEL="$tiny"
+    python -m pytest -q -p no:cacheprovider --doctest-glob='*.md' docs
+    python -m pytest -q -p no:cacheprovider -m "docs or vllm" tests/docs   # builds both languages itself
+    DOCS_MODEL="$tiny" DOCS_MAX_MODEL_LEN=4096 DOCS_GPU_MEMORY_UTILIZATION=0.3 DOCS_MAX_NUM_BATCHED_TOKENS=512 \
+      python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+      --nbval-sanitize-with docs/notebooks/nbval_sanitize.cfg docs/notebooks
+    ;;
+  *) echo "usage: $0 [check|update|all]" >&2; exit 2 ;;
+esac
