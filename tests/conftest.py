@@ -66,5 +66,5 @@ def run_engine(spec: dict, env: dict | None = None, timeout: float = 420, expect
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"rounds"')]
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"engine failed (exit {proc.returncode}):\n{log[-6000:]}")
-    result = json.loads(lines[-1])
+    result, _ = json.JSONDecoder().raw_decode(lines[-1])  # another process may append to the same line
     return EngineRun(rounds=result["rounds"], metrics=result["metrics"], log=log)

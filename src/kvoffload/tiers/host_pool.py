@@ -21,7 +21,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_REGISTER_PIECE = 1 << 30  # cudaHostRegister of very large ranges is slow or fails; register 1 GiB pieces
+# cudaHostRegister of very large ranges fails (>= 512 GiB seen); register pieces of at most 16 GiB, cut at slot
+# boundaries, because one DMA may not span two registrations and a slot is copied with one DMA.
+_REGISTER_MAX = 16 << 30
+_TOUCH_PIECE = 1 << 30
 
 
 class HostPool:
@@ -68,12 +71,15 @@ class HostPool:
         cudart = torch.cuda.cudart()
         base = self.tensor.data_ptr()
         flat = self.tensor.view(-1)
-        pieces = [(offset, min(_REGISTER_PIECE, self.nbytes - offset)) for offset in range(0, self.nbytes, _REGISTER_PIECE)]
+        slot_bytes = self.nbytes // self.shape[0]
+        piece = max(1, _REGISTER_MAX // slot_bytes) * slot_bytes
         try:
             # The cost is the kernel faulting and zeroing pages, which parallelises; registration is cheap.
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as touch:
-                list(touch.map(lambda piece: flat[piece[0]:piece[0] + piece[1]:4096].zero_(), pieces))
-            for offset, size in pieces:
+                list(touch.map(lambda start: flat[start:start + _TOUCH_PIECE:4096].zero_(),
+                               range(0, self.nbytes, _TOUCH_PIECE)))
+            for offset in range(0, self.nbytes, piece):
+                size = min(piece, self.nbytes - offset)
                 err = cudart.cudaHostRegister(base + offset, size, 0)
                 if int(err) != 0:
                     raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")

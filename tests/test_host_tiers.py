@@ -1,0 +1,75 @@
+"""The host pool (worker side) and its index (scheduler side)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvoffload.tiers import host_pool
+from kvoffload.tiers.host_index import HostIndex, SlotState
+from kvoffload.tiers.host_pool import HostPool
+
+
+def test_index_evicts_least_recently_used_idle_chunks_only() -> None:
+    index = HostIndex(3)
+    for key in (b"a", b"b", b"c"):
+        index.allocate(key, 2, SlotState.STORING)
+    assert index.allocate(b"d", 2, SlotState.STORING) is None  # nothing is READY yet: nothing to evict
+    for key in (b"a", b"b", b"c"):
+        index.mark_ready(key)
+    index.touch(b"a")
+    index.pin(b"b")
+    entry = index.allocate(b"d", 2, SlotState.STORING)
+    assert entry is not None and index.get(b"c") is None  # b is pinned, a was touched: c goes
+    assert index.evictions == 1
+    index.unpin(b"b")
+    assert index.allocate(b"e", 1, SlotState.PREFETCHING) is not None and index.get(b"b") is None
+    assert index.used_slots == 3 and len({index.get(k).slot for k in (b"a", b"d", b"e")}) == 3
+
+
+def test_pool_is_exactly_the_configured_size_and_payloads_round_trip() -> None:
+    pool = HostPool(num_slots=4, num_layers=3, pages_per_slot=4, page_bytes=256, pin=False)
+    assert pool.nbytes == 4 * 3 * 4 * 256 and pool.ready
+    pool.tensor.copy_(torch.randint(0, 255, pool.shape, dtype=torch.uint8))
+    whole = bytes(pool.payload(1, 4))
+    assert whole == pool.tensor[1].numpy().tobytes()
+    partial = bytes(pool.payload(2, 2))  # every layer's first two pages
+    assert partial == pool.tensor[2, :, :2].contiguous().numpy().tobytes()
+
+    def reader(data: bytes):
+        def read(out: memoryview) -> bool:
+            out[:] = data
+            return True
+        return read
+
+    assert pool.fill(3, 2, reader(partial))
+    assert torch.equal(pool.tensor[3, :, :2], pool.tensor[2, :, :2])
+    assert not pool.fill(0, 4, lambda out: False)
+
+
+@pytest.mark.gpu
+def test_pinned_pool_serves_dma_for_slots_across_registration_pieces(monkeypatch) -> None:
+    """A slot must never straddle two cudaHostRegister ranges: one DMA cannot span them."""
+    from kvoffload.transfer import make_copy_backend
+    from kvoffload.transfer.layout import paged_kv
+
+    slot = 3 * 4 * 65536
+    monkeypatch.setattr(host_pool, "_REGISTER_MAX", int(2.5 * slot))  # pieces of 2 slots
+    pool = HostPool(num_slots=7, num_layers=3, pages_per_slot=4, page_bytes=65536, pin=True)
+    assert pool.wait_ready(60) and len(pool._registered) == 4
+    layers = [torch.randint(0, 255, (64, 65536), dtype=torch.uint8, device="cuda") for _ in range(3)]
+    backend = make_copy_backend(paged_kv(layers, 64), pool.tensor, "cuda")
+    ids = torch.arange(28, dtype=torch.int64) * 2
+    slots = torch.arange(28, dtype=torch.int64) // 4
+    pages = torch.arange(28, dtype=torch.int64) % 4
+    backend.store(ids, slots, pages)
+    backend.fence().wait()
+    expected = [layer[ids].cpu() for layer in layers]
+    for layer in layers:
+        layer.zero_()
+    backend.load(ids, slots, pages)
+    torch.cuda.synchronize()
+    for layer, want in zip(layers, expected):
+        assert torch.equal(layer[ids].cpu(), want)
+    backend.close()
+    pool.close()
