@@ -8,6 +8,10 @@ mode runs in its own process (one engine each); the parent prints a Markdown tab
 Scenarios
   seed   the seed speedup script: 10 prompts x 10,000 tokens, max_tokens=1, run twice
   twice  one 15,000-token prompt sent twice (cold / warm time to first token)
+  chat   multi-round chat: 12 users, a shared 1,000-token system prompt, 2,000-token private histories
+         growing by 250 tokens a round, 4 rounds, users served in turn (TTFT p50/p95, requests/s)
+  docqa  long-document QA: 6 documents of 8,000 tokens read once, then 3 questions each, interleaved
+         (TTFT p50/p95 of the questions, requests/s)
 
 Usage (on the GPU machine): python benchmarks/e2e_gpu.py --out results.json [--modes none,native,kvoffload]
 """
@@ -91,7 +95,37 @@ def run_mode(mode: str, arch: str, scenarios: list[str]) -> dict:
         cold, o1 = timed(prompt)
         warm, o2 = timed(prompt)
         result["twice"] = {"cold_s": cold, "warm_s": warm, "tokens": [o1, o2]}
+    if "chat" in scenarios:
+        system = [9000 + i for i in range(1000)]
+        histories = [[20_000 + 3000 * u + i for i in range(2000)] for u in range(12)]
+        ttfts, tokens = [], []
+        start = time.perf_counter()
+        for round_ in range(4):
+            for user, history in enumerate(histories):
+                history.extend(60_000 + 1000 * user + 250 * round_ + i for i in range(250))
+                seconds, out = timed([system + history])
+                ttfts.append(seconds)
+                tokens.append(out)
+        result["chat"] = summary(ttfts, time.perf_counter() - start, tokens)
+    if "docqa" in scenarios:
+        docs = [[100_000 + 8000 * d + i for i in range(8000)] for d in range(6)]
+        for doc in docs:
+            timed([doc])
+        ttfts, tokens = [], []
+        start = time.perf_counter()
+        for q in range(3):
+            for d, doc in enumerate(docs):
+                seconds, out = timed([doc + [150_000 + 64 * (3 * d + q) + i for i in range(64)]])
+                ttfts.append(seconds)
+                tokens.append(out)
+        result["docqa"] = summary(ttfts, time.perf_counter() - start, tokens)
     return result
+
+
+def summary(ttfts: list[float], total_s: float, tokens: list) -> dict:
+    ordered = sorted(ttfts)
+    return {"ttft_p50_s": ordered[len(ordered) // 2], "ttft_p95_s": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+            "requests_per_s": len(ttfts) / total_s, "tokens": tokens}
 
 
 def wait_until_serving(llm, params, limit_s: float = 120.0) -> float:
@@ -117,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="none,native,kvoffload")
     parser.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHS))
-    parser.add_argument("--scenarios", default="seed,twice")
+    parser.add_argument("--scenarios", default="seed,twice,chat,docqa")
     parser.add_argument("--out", default="e2e_gpu.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,11 +190,19 @@ def table(meta: dict, results: list[dict]) -> str:
         seed, twice = r.get("seed", {}), r.get("twice", {})
         same = "-"
         if base is not None and r is not base:
-            same = str(all(r.get(s, {}).get("tokens") == base.get(s, {}).get("tokens") for s in ("seed", "twice")))
+            same = str(all(r.get(s, {}).get("tokens") == base.get(s, {}).get("tokens")
+                           for s in ("seed", "twice", "chat", "docqa")))
         rows.append(f"| {r['mode']} | {r['engine_start_s']:.1f} | {r.get('tier_ready_s', 0):.1f} | "
                     f"{seed.get('run1_s', 0):.3f} | "
                     f"{seed.get('run2_s', 0):.3f} | {seed.get('speedup', 0):.2f}x | {twice.get('cold_s', 0):.3f} | "
                     f"{twice.get('warm_s', 0):.3f} | {same} |")
+    rows += ["", "| mode | chat TTFT p50 s | chat TTFT p95 s | chat req/s | docqa TTFT p50 s | docqa TTFT p95 s | "
+             "docqa req/s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        chat, qa = r.get("chat", {}), r.get("docqa", {})
+        rows.append(f"| {r['mode']} | {chat.get('ttft_p50_s', 0):.3f} | {chat.get('ttft_p95_s', 0):.3f} | "
+                    f"{chat.get('requests_per_s', 0):.2f} | {qa.get('ttft_p50_s', 0):.3f} | "
+                    f"{qa.get('ttft_p95_s', 0):.3f} | {qa.get('requests_per_s', 0):.2f} |")
     return "\n".join(rows)
 
 

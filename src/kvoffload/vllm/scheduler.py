@@ -51,6 +51,7 @@ class _Request:
     waiting: set[bytes] = field(default_factory=set)  # chunks being prefetched for this request
     wait_deadline: float = 0.0
     prefetched: bool = False
+    waited: bool = False
 
 
 class OffloadScheduler:
@@ -127,11 +128,19 @@ class OffloadScheduler:
         chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
 
         if state.waiting:
-            if any(self._prefetching(k) for k in state.waiting) and time.monotonic() < state.wait_deadline:
+            if any(self._in_flight(k) for k in state.waiting) and time.monotonic() < state.wait_deadline:
                 return None, False
             state.waiting.clear()
 
         hit_chunks = self._leading_ready(chain)
+        in_flight = [k for k in chain[hit_chunks:] if self._in_flight(k)]
+        if in_flight and hit_chunks < len(chain) and self._in_flight(chain[hit_chunks]) and not state.waited:
+            # The next chunks are being stored (an identical prefix was just computed) or prefetched: their
+            # bytes arrive within milliseconds, far sooner than recomputing them, so ask vLLM to come back.
+            state.waited = True
+            state.waiting = set(in_flight)
+            state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
+            return None, False
         if self.persistent is not None and not state.prefetched and hit_chunks < len(chain):
             state.prefetched = True
             if self._start_prefetch(state, chain, hit_chunks):
@@ -164,9 +173,9 @@ class OffloadScheduler:
             count += 1
         return count
 
-    def _prefetching(self, key: bytes) -> bool:
+    def _in_flight(self, key: bytes) -> bool:
         entry = self.index.get(key)
-        return entry is not None and entry.state is SlotState.PREFETCHING
+        return entry is not None and entry.state is not SlotState.READY
 
     def _start_prefetch(self, state: _Request, chain: list[bytes], first: int) -> bool:
         """Read the chunks after the host-pool hit from disk/remote; True if the request must wait."""
