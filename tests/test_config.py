@@ -129,7 +129,7 @@ def test_cli_serve_builds_the_vllm_command_and_validates_first() -> None:
     from kvoffload.cli import serve_command
     cmd = serve_command("Qwen/Qwen3-8B", ["--port", "8000"], 20.0, python="python")
     transfer = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
-    assert cmd[:5] == ["python", "-m", "vllm.entrypoints.cli.main", "serve", "Qwen/Qwen3-8B"]
+    assert cmd[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen3-8B"]
     assert transfer == {"kv_connector": "KVOffloadConnector", "kv_role": "kv_both",
                         "kv_connector_extra_config": {"max_local_cpu_size": 20.0}}
     proc = _cli("serve", "m", "--cpu-size", "-1")

