@@ -35,17 +35,18 @@ def main() -> None:
     llm = LLM(**engine)
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True)
-    rounds = []
+    rounds, texts = [], []
     orders = spec.get("orders") or [list(range(len(prompts)))] * spec.get("rounds", 1)
     for order in orders:
         outputs = llm.generate([prompts[i] for i in order], params, use_tqdm=False)
-        by_prompt = dict(zip(order, (list(o.outputs[0].token_ids) for o in outputs)))
-        rounds.append([by_prompt[i] for i in sorted(by_prompt)])
+        by_prompt = dict(zip(order, outputs))
+        rounds.append([list(by_prompt[i].outputs[0].token_ids) for i in sorted(by_prompt)])
+        texts.append([by_prompt[i].outputs[0].text for i in sorted(by_prompt)])
     metrics = {}
     for metric in llm.get_metrics():
         if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):
             metrics[metric.name] = getattr(metric, "value", None)
-    print(json.dumps({"rounds": rounds, "metrics": metrics}), flush=True)
+    print(json.dumps({"rounds": rounds, "texts": texts, "metrics": metrics}), flush=True)
 
 
 if __name__ == "__main__":
