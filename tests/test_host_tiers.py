@@ -73,3 +73,26 @@ def test_pinned_pool_serves_dma_for_slots_across_registration_pieces(monkeypatch
         assert torch.equal(layer[ids].cpu(), want)
     backend.close()
     pool.close()
+
+
+def test_host_memory_used_is_the_pool_size(tmp_path) -> None:
+    """RSS grows by the pool's bytes once every page is touched: no power-of-two rounding, no copies."""
+    code = """
+import resource, sys
+from kvoffload.tiers.host_pool import HostPool
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) * 1024
+before = rss()
+pool = HostPool(num_slots=300, num_layers=2, pages_per_slot=2, page_bytes=262144, pin=False)
+pool.tensor.fill_(1)
+print(before, rss(), pool.nbytes)
+"""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after, nbytes = map(int, proc.stdout.split())
+    assert nbytes == 300 * 2 * 2 * 262144
+    assert after - before <= 1.05 * nbytes
+    assert after - before >= 0.95 * nbytes

@@ -94,3 +94,26 @@ def test_chunk_keys_equal_across_engine_restarts(tiny_model: str, tmp_path) -> N
         logs.append(sorted(json.loads(line)["keys"] for line in log.read_text().splitlines()))
     assert logs[0] == logs[1]
     assert all(len(keys) >= 1 for keys in logs[0])
+
+
+@pytest.mark.parametrize("extra, env, words", [
+    ({"max_local_cpu_sise": 1}, {}, ["unknown setting 'max_local_cpu_sise'", "did you mean 'max_local_cpu_size'"]),
+    ({}, {"KVOFFLOAD_CHUNK_SIZE": "100"}, ["'chunk_size'", "multiple of this engine's KV block size 128"]),
+])
+def test_config_errors_stop_engine_start_with_the_key_named(tiny_model: str, extra, env, words) -> None:
+    run = run_engine({"model": tiny_model, "prompts": ["kv cache"], "connector": "plugin", "extra_config": extra},
+                     env=env, expect_ok=False)
+    assert run.metrics["returncode"] != 0
+    assert "ConfigError" in run.log
+    for word in words:
+        assert word in run.log
+
+
+def test_plugin_registration_is_idempotent() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from kvoffload.vllm.plugin import register
+
+    register()
+    register()
+    assert "KVOffloadConnector" in KVConnectorFactory._registry

@@ -1,10 +1,22 @@
-"""The model fingerprint of a running vLLM engine, computed the same way on both sides."""
+"""What both sides derive from vLLM's configuration, computed in one place so they always agree."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from kvoffload.config import ConfigError, Settings
 from kvoffload.keys import ModelFingerprint
+
+
+def pages_per_chunk(settings: Settings, kv_cache_config: Any) -> int:
+    """vLLM blocks per chunk; a chunk must be whole blocks, so ``chunk_size`` must be a multiple of them."""
+    block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    if settings.chunk_size % block_size:
+        raise ConfigError(
+            f"invalid value {settings.chunk_size!r} for 'chunk_size' (from {settings.sources.get('chunk_size')}): "
+            f"expected a multiple of this engine's KV block size {block_size}"
+        )
+    return settings.chunk_size // block_size
 
 
 def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprint:

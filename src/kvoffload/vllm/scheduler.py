@@ -20,7 +20,7 @@ from typing import Any
 
 from kvoffload.config import ConfigError, Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.vllm.identity import model_fingerprint
+from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk
 from kvoffload.tiers.host_index import HostIndex, SlotState
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
@@ -67,12 +67,7 @@ class OffloadScheduler:
         self.settings = settings
         self.block_size = spec.block_size
         self.chunk_size = settings.chunk_size
-        if self.chunk_size % self.block_size:
-            raise ConfigError(
-                f"invalid value {self.chunk_size!r} for 'chunk_size' (from {settings.sources.get('chunk_size')}): "
-                f"expected a multiple of this engine's KV block size {self.block_size}"
-            )
-        self.pages_per_chunk = self.chunk_size // self.block_size
+        self.pages_per_chunk = pages_per_chunk(settings, kv_cache_config)
         self.world_size = parallel.world_size
         num_layers = len(groups[0].layer_names)
         self.slot_bytes = num_layers * self.pages_per_chunk * spec.page_size_bytes
@@ -87,6 +82,8 @@ class OffloadScheduler:
         self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
         self.index = HostIndex(num_slots)
         self.persistent: PersistentLookup | None = None
+        self._persistent_deadline: float | None = None  # see _awaiting_persistent
+        self._persistent_gave_up = False
         self._requests: dict[str, _Request] = {}
         self._loads: list[RequestCopies] = []
         self._prefetches: list[Prefetch] = []
@@ -124,6 +121,8 @@ class OffloadScheduler:
         state = self._state(request)
         if state is None:
             return 0, False
+        if self._awaiting_persistent():
+            return None, False
         self._release(state)
         chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
 
@@ -176,6 +175,26 @@ class OffloadScheduler:
     def _in_flight(self, key: bytes) -> bool:
         entry = self.index.get(key)
         return entry is not None and entry.state is not SlotState.READY
+
+    def _awaiting_persistent(self) -> bool:
+        """True while the disk/remote index cannot be opened yet: the lookup must wait for it.
+
+        Its name depends on the workers' KV layout, which arrives with their first report, one step after
+        the first lookup. Answering that lookup without it would recompute a prefix that is on disk (every
+        restart would miss on its first request), so vLLM is asked to come back; the wait is bounded in case
+        no report ever comes.
+        """
+        if self.persistent is not None or not self._wants_persistence():
+            return False
+        if self._persistent_deadline is None:
+            self._persistent_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
+        if time.monotonic() < self._persistent_deadline:
+            return True
+        if not self._persistent_gave_up:
+            self._persistent_gave_up = True
+            logger.warning("kvoffload: no worker reported its KV layout within %.0f s; serving without the disk and "
+                           "remote tiers until one does", PREFETCH_TIMEOUT_S)
+        return False
 
     def _start_prefetch(self, state: _Request, chain: list[bytes], first: int) -> bool:
         """Read the chunks after the host-pool hit from disk/remote; True if the request must wait."""

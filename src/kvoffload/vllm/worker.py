@@ -29,6 +29,7 @@ from kvoffload.tiers.base import ChunkTier, PutResult
 from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
+from kvoffload.vllm.identity import pages_per_chunk
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import KVOffloadStats
@@ -57,12 +58,14 @@ class _RequestStores:
 
 
 class OffloadWorker:
-    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings) -> None:
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings, rank: int | None = None) -> None:
+        """``rank``: this worker's tensor-parallel rank; by default vLLM's (tests driving several ranks in one
+        process pass it)."""
         self.settings = settings
         self.kv_cache_config = kv_cache_config
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
-        self.rank = _tp_rank()
+        self.rank = _tp_rank() if rank is None else rank
         self.chunk_size = settings.chunk_size
         self.pool: HostPool | None = None
         self.backend: CopyBackend | None = None
@@ -86,8 +89,7 @@ class OffloadWorker:
         if any(not isinstance(t, torch.Tensor) for t in tensors):
             raise ValueError("kvoffload: this model has state caches (Mamba/linear attention); not supported")
         kv = paged_kv(tensors, self.kv_cache_config.num_blocks)
-        block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        pages_per_slot = self.chunk_size // block_size
+        pages_per_slot = pages_per_chunk(self.settings, self.kv_cache_config)
         slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
         num_slots = (self.settings.cpu_pool_bytes // self.world_size) // slot_bytes
         on_gpu = kv.device.type == "cuda"
@@ -317,10 +319,29 @@ class OffloadWorker:
         return stats
 
     def shutdown(self) -> None:
+        """Finish every store and write what was queued before exiting, so a restart finds it on disk.
+
+        vLLM calls this from the worker's shutdown when the engine exits (``ensure_kv_transfer_shutdown``).
+        Stores whose copy finished but which were not polled yet are handed to the writers first: the last
+        steps' chunks would otherwise be lost although their bytes are already in the pool.
+        """
         for batch in self._stores:
             batch.fence.wait()
+        if self.pool is not None:
+            self._poll_stores()
+        queued = sum(writer.pending() for writer in self.writers)
+        start = time.perf_counter()
         for writer in self.writers:
             writer.close()
+        for tier in self.tiers:
+            stats = tier.stats
+            logger.info("kvoffload %s tier: this run wrote %d chunks (%.3f GB), read %d (%.3f GB), skipped %d "
+                        "writes, evicted %d, %d errors, %d corrupt entries removed", tier.name, stats.writes,
+                        stats.bytes_written / 1e9, stats.hits, stats.bytes_read / 1e9, stats.skipped_writes,
+                        stats.evictions, stats.errors, stats.corrupt)
+        if queued:
+            logger.info("kvoffload: wrote the %d queued chunks out before exiting (%.2f s)", queued,
+                        time.perf_counter() - start)
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True)
         for tier in self.tiers:
