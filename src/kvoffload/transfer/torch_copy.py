@@ -56,11 +56,8 @@ class TorchCopyBackend(CopyBackend):
             for layer_index, layer in enumerate(self.kv.layers):
                 self.pool[slots, layer_index, pages] = layer.index_select(0, block_ids)
             return
-        compute = torch.cuda.current_stream(self.kv.device)
-        self._stream.wait_stream(compute)
-        runs = slot_runs(slots, pages)
+        runs, ids = self._begin(block_ids, slots, pages)
         with torch.cuda.stream(self._stream):
-            ids = block_ids.to(self.kv.device, non_blocking=True)
             for layer_index, layer in enumerate(self.kv.layers):
                 staged = layer.index_select(0, ids)
                 for first, length, slot, page in runs:
@@ -75,11 +72,8 @@ class TorchCopyBackend(CopyBackend):
             for layer_index, layer in enumerate(self.kv.layers):
                 layer.index_copy_(0, block_ids, self.pool[slots, layer_index, pages])
             return
-        compute = torch.cuda.current_stream(self.kv.device)
-        self._stream.wait_stream(compute)
-        runs = slot_runs(slots, pages)
+        runs, ids = self._begin(block_ids, slots, pages)
         with torch.cuda.stream(self._stream):
-            ids = block_ids.to(self.kv.device, non_blocking=True)
             staged = torch.empty((len(block_ids), self.kv.page_bytes), dtype=torch.uint8, device=self.kv.device)
             for layer_index, layer in enumerate(self.kv.layers):
                 for first, length, slot, page in runs:
@@ -87,7 +81,15 @@ class TorchCopyBackend(CopyBackend):
                                                        non_blocking=True)
                 layer.index_copy_(0, ids, staged)
             self._hold(staged)
-        compute.wait_stream(self._stream)
+        torch.cuda.current_stream(self.kv.device).wait_stream(self._stream)
+
+    def _begin(self, block_ids: torch.Tensor, slots: torch.Tensor,
+               pages: torch.Tensor) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
+        """Order the side stream after the compute stream's work; return the runs and device block ids."""
+        self._stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+        with torch.cuda.stream(self._stream):
+            ids = block_ids.to(self.kv.device, non_blocking=True)
+        return slot_runs(slots, pages), ids
 
     def _hold(self, tensor: torch.Tensor) -> None:
         """Keep a staging tensor alive until the side stream is past it."""
