@@ -5,7 +5,9 @@ state) and read the last stdout line. Spec (JSON, argv[1]):
 
     model, prompts (strings or token-id lists), rounds, or orders (prompt indexes per round; outputs
     are reported in prompt order), max_tokens, connector (null | "plugin" |
-    "module" | a module path holding a test connector), extra_config, engine (extra LLM kwargs)
+    "module" | a module path holding a test connector), extra_config, engine (extra LLM kwargs),
+    between_rounds (shell commands, one per gap between rounds, null to skip one: run after round i
+    finished, before round i + 1 starts; a failing command fails the run)
 
 Output: ``{"rounds": [[token ids per prompt], ...], "metrics": {name: value}}``.
 """
@@ -13,6 +15,7 @@ Output: ``{"rounds": [[token ids per prompt], ...], "metrics": {name: value}}``.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 
@@ -37,7 +40,10 @@ def main() -> None:
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True)
     rounds, texts = [], []
     orders = spec.get("orders") or [list(range(len(prompts)))] * spec.get("rounds", 1)
-    for order in orders:
+    hooks = spec.get("between_rounds") or []
+    for number, order in enumerate(orders):
+        if number and number - 1 < len(hooks) and hooks[number - 1]:
+            subprocess.run(hooks[number - 1], shell=True, check=True)
         outputs = llm.generate([prompts[i] for i in order], params, use_tqdm=False)
         by_prompt = dict(zip(order, outputs))
         rounds.append([list(by_prompt[i].outputs[0].token_ids) for i in sorted(by_prompt)])

@@ -29,6 +29,7 @@ class PutResult(Enum):
 class TierStats:
     hits: int = 0
     misses: int = 0
+    writes: int = 0  # chunks stored
     bytes_read: int = 0
     bytes_written: int = 0
     read_seconds: float = 0.0

@@ -223,6 +223,7 @@ class DiskTier(ChunkTier):
             self._pending.discard(key)
             self._in_flight -= size
             self._index[key] = size
+            self.stats.writes += 1
             self.stats.bytes_written += payload.nbytes
             self.stats.write_seconds += elapsed
         return PutResult.STORED

@@ -122,6 +122,7 @@ class RedisTier(ChunkTier):
         results = [PutResult.FAILED if isinstance(reply, Exception) else PutResult.STORED for reply in replies]
         with self._lock:
             self.stats.errors += results.count(PutResult.FAILED)
+            self.stats.writes += results.count(PutResult.STORED)
             self.stats.bytes_written += sum(view.nbytes for (_, view), result in zip(views, results)
                                             if result is PutResult.STORED)
             self.stats.write_seconds += elapsed

@@ -60,6 +60,10 @@ class AsyncWriter:
                     pass
         self._skip(done)
 
+    def pending(self) -> int:
+        """Stores queued and not yet taken by a writer thread (approximate, for logs)."""
+        return self._queue.qsize()
+
     def close(self, drain: bool = True) -> None:
         """Stop the threads: after storing what is queued (``drain``), or answering it ``SKIPPED``."""
         with self._lock:
