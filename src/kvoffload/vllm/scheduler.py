@@ -50,7 +50,8 @@ class _Request:
     pinned: list[bytes] = field(default_factory=list)  # chunks held for the promised load
     waiting: set[bytes] = field(default_factory=set)  # chunks being prefetched for this request
     wait_deadline: float = 0.0
-    prefetched: bool = False
+    prefetch_open: bool = True  # the persistent tiers may still be asked for the rest of the prefix
+    prefetch_deadline: float = 0.0  # until when it may wait for room in the host pool to prefetch into
     waited: bool = False
 
 
@@ -123,13 +124,13 @@ class OffloadScheduler:
             return 0, False
         if self._awaiting_persistent():
             return None, False
-        self._release(state)
         chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
 
         if state.waiting:
             if any(self._in_flight(k) for k in state.waiting) and time.monotonic() < state.wait_deadline:
-                return None, False
+                return None, False  # keeps its pins: what arrived must still be there when it is done
             state.waiting.clear()
+        self._release(state)
 
         hit_chunks = self._leading_ready(chain)
         in_flight = [k for k in chain[hit_chunks:] if self._in_flight(k)]
@@ -140,10 +141,10 @@ class OffloadScheduler:
             state.waiting = set(in_flight)
             state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
             return None, False
-        if self.persistent is not None and not state.prefetched and hit_chunks < len(chain):
-            state.prefetched = True
+        if self.persistent is not None and state.prefetch_open and hit_chunks < len(chain):
             if self._start_prefetch(state, chain, hit_chunks):
                 return None, False
+            self._release(state)
 
         prompt = request.num_prompt_tokens
         hit_tokens = min(hit_chunks * self.chunk_size, prompt, request.num_tokens - 1)
@@ -197,10 +198,23 @@ class OffloadScheduler:
         return False
 
     def _start_prefetch(self, state: _Request, chain: list[bytes], first: int) -> bool:
-        """Read the chunks after the host-pool hit from disk/remote; True if the request must wait."""
+        """Read the chunks after the host-pool hit from disk/remote; True if the request must wait.
+
+        The request pins its ready prefix and the slots it prefetches into until its next lookup: with a
+        pool smaller than what the waiting requests prefetch, their allocations would otherwise evict each
+        other's chunks before any request could load them, and every one would recompute. When the pool
+        has no room for the rest, the request waits (bounded) for other requests' loads to free slots.
+        """
         assert self.persistent is not None
+        now = time.monotonic()
+        if not state.prefetch_deadline:
+            state.prefetch_deadline = now + PREFETCH_TIMEOUT_S
+        for key in chain[:first]:  # our own allocations below must not evict the prefix we already have
+            self.index.pin(key)
+            state.pinned.append(key)
         candidates = chain[first:]
-        present = self.persistent.count_leading([k for k in candidates])
+        present = self.persistent.count_leading(candidates)
+        short = 0  # chunks present on disk/remote that found no free slot
         for position, key in enumerate(candidates[:present]):
             entry = self.index.get(key)
             if entry is not None:
@@ -212,12 +226,18 @@ class OffloadScheduler:
                 (state.request.num_prompt_tokens - index * self.chunk_size) / self.block_size)
             entry = self.index.allocate(key, num_pages, SlotState.PREFETCHING)
             if entry is None:
+                short = present - position
                 break
+            self.index.pin(key)
+            state.pinned.append(key)
             self._prefetches.append(Prefetch(key=key, slot=entry.slot, num_pages=num_pages))
             self._inflight += 1
             state.waiting.add(key)
-        state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
-        return bool(state.waiting)
+        # Retry on a later lookup only while other requests hold slots that their loads will free.
+        state.prefetch_open = (short > 0 and now < state.prefetch_deadline
+                               and len(state.pinned) < self.index.num_slots)
+        state.wait_deadline = now + PREFETCH_TIMEOUT_S
+        return bool(state.waiting) or state.prefetch_open
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
