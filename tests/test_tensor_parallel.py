@@ -309,6 +309,28 @@ def test_reports_count_per_rank_until_world_size() -> None:
     engine.shutdown()
 
 
+def test_same_chunk_loaded_for_two_requests_in_one_step_releases_both_pins() -> None:
+    """Each rank reports the chunk twice (once per request): 4 reports = two completed loads at TP=2."""
+    engine = TPEngine()
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    store_prompt(engine, Request("a", PROMPT), a_blocks)
+    b, c = Request("b", PROMPT), Request("c", PROMPT)
+    keys = engine.keys(b)
+    output = SchedulerOutput()
+    for req, first in ((b, 20), (c, 40)):
+        need, _ = engine.scheduler.get_num_new_matched_tokens(req, 0)
+        blocks = list(range(first, first + PROMPT_BLOCKS))
+        engine.scheduler.update_state_after_alloc(req, Blocks(blocks), need)
+        output.scheduled_new_reqs.append(NewRequestData(req.request_id, (blocks,), need))
+        output.num_scheduled_tokens[req.request_id] = 1
+    assert all(engine.scheduler.index.get(k).pins == 2 for k in keys)
+    engine.step(output)
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, list(range(40, 40 + PROMPT_BLOCKS))), engine.pages(rank, a_blocks))
+    assert [engine.scheduler.index.get(k).pins for k in keys] == [0] * len(keys), "a load's pin leaked"
+    engine.shutdown()
+
+
 def test_keys_and_storage_namespaces_include_rank_and_world_size(tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     tp2 = TPEngine(world_size=2, local_disk=str(disk), max_local_disk_size=0.01)

@@ -413,7 +413,11 @@ class OffloadScheduler:
                 self.persistent.discard(key)
 
     def _complete(self, ok: Counter, bad: Counter | None, new_ok: Counter, new_bad: Counter | None) -> list[bytes]:
-        """Keys for which every worker has now reported (success or failure); counters keep the rest."""
+        """Keys for which every worker has now reported (success or failure); counters keep the rest.
+
+        A key comes back once per completed operation: the same chunk loaded for two requests in one step
+        is reported twice by every worker and completes twice (each load holds its own pin).
+        """
         ok.update(new_ok)
         if bad is not None and new_bad:
             bad.update(new_bad)
@@ -421,12 +425,12 @@ class OffloadScheduler:
         finished = []
         for key in candidates:
             total = ok.get(key, 0) + (bad.get(key, 0) if bad is not None else 0)
-            if total >= self.world_size:
-                finished.append(key)
-                if total > self.world_size:  # the same key reported for two requests in one step
-                    ok[key] = total - self.world_size
-                else:
-                    ok.pop(key, None)
+            times, rest = divmod(total, self.world_size)
+            finished.extend([key] * times)
+            if times and rest:
+                ok[key] = rest
+            elif times:
+                ok.pop(key, None)
         return finished
 
     def _wants_persistence(self) -> bool:
