@@ -52,6 +52,13 @@ def main() -> None:
     for metric in llm.get_metrics():
         if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):
             metrics[metric.name] = getattr(metric, "value", None)
+    # vLLM's reader only returns vllm:* metrics; the connector's own are read from the registry
+    from prometheus_client import REGISTRY
+    for family in REGISTRY.collect():
+        if family.name.startswith("kvoffload"):
+            for sample in family.samples:
+                if sample.name.endswith("_total") or family.type == "gauge":
+                    metrics[sample.name] = metrics.get(sample.name, 0) + sample.value
     print(json.dumps({"rounds": rounds, "texts": texts, "metrics": metrics}), flush=True)
 
 

@@ -18,6 +18,14 @@ COUNTERS = (
     "loaded_chunks", "loaded_bytes", "load_seconds",
     "persisted_chunks", "persist_failures", "prefetched_chunks", "prefetch_failures",
 )
+#: Per persistent tier, from its :class:`~kvoffload.tiers.base.TierStats`: stats name -> TierStats field.
+TIER_FIELDS = {
+    "hits": "hits", "misses": "misses", "writes": "writes", "read_bytes": "bytes_read",
+    "written_bytes": "bytes_written", "read_seconds": "read_seconds", "write_seconds": "write_seconds",
+    "skipped_writes": "skipped_writes", "evictions": "evictions", "errors": "errors", "corrupt": "corrupt",
+}
+TIERS = ("disk", "redis")
+COUNTERS += tuple(f"{tier}_{name}" for tier in TIERS for name in TIER_FIELDS)
 GAUGES = ("pool_used_bytes", "pool_bytes")
 
 
@@ -62,6 +70,16 @@ class KVOffloadStats(KVConnectorStats):
         for name in ("persisted_chunks", "persist_failures", "prefetched_chunks", "prefetch_failures"):
             if d.get(name):
                 out[name] = int(d[name])
+        for tier in TIERS:  # only the tiers in use, so a CPU-only setup logs what it did before
+            if not any(d.get(f"{tier}_{name}") for name in TIER_FIELDS):
+                continue
+            out[f"{tier}_hits"] = int(d.get(f"{tier}_hits", 0))
+            out[f"{tier}_read_GB"] = round(d.get(f"{tier}_read_bytes", 0) / 1e9, 3)
+            out[f"{tier}_read_GBps"] = _gbps(d.get(f"{tier}_read_bytes", 0), d.get(f"{tier}_read_seconds", 0))
+            out[f"{tier}_written_GB"] = round(d.get(f"{tier}_written_bytes", 0) / 1e9, 3)
+            out[f"{tier}_write_GBps"] = _gbps(d.get(f"{tier}_written_bytes", 0), d.get(f"{tier}_write_seconds", 0))
+            for name in ("skipped_writes", "evictions", "errors", "corrupt"):
+                out[f"{tier}_{name}"] = int(d.get(f"{tier}_{name}", 0))
         return out
 
 

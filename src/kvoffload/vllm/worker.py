@@ -14,6 +14,7 @@ ends of the persistent tiers. Each step it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -25,14 +26,14 @@ import torch
 
 from kvoffload.config import Settings
 from kvoffload.keys import ModelFingerprint
-from kvoffload.tiers.base import ChunkTier, PutResult
+from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
 from kvoffload.vllm.identity import pages_per_chunk
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
-from kvoffload.vllm.stats import KVOffloadStats
+from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
 
 logger = logging.getLogger("kvoffload")
 
@@ -79,8 +80,11 @@ class OffloadWorker:
         self._finishing: set[str] = set()
         self._report = WorkerReport()
         self._stats = KVOffloadStats()
-        self._done_plans: dict[str, int] = {}  # which parts of the bound plan ran: "load"/"store" -> id(plan)
+        # Which parts of the bound plan ran: "load"/"store" -> the plan itself. Not its id(): once vLLM drops a
+        # step's plan, the next one can get the same id, and its loads, stores and prefetches were skipped.
+        self._done_plans: dict[str, StepPlan] = {}
         self._warned_not_ready = False
+        self._tier_seen: dict[str, TierStats] = {}  # each tier's stats at the last take_stats
 
     # ---- setup --------------------------------------------------------------------------------------
 
@@ -117,8 +121,14 @@ class OffloadWorker:
     def _open_tiers(self, fingerprint: bytes, num_slots: int) -> None:
         s = self.settings
         if s.local_disk is not None:
-            from kvoffload.tiers.disk import DiskTier
-            self.tiers.append(DiskTier(s.local_disk, fingerprint, s.disk_bytes // self.world_size))
+            from kvoffload.tiers.disk import HEADER_SIZE, DiskTier
+            disk_bytes = s.disk_bytes // self.world_size
+            self.tiers.append(DiskTier(s.local_disk, fingerprint, disk_bytes))
+            chunk_bytes = HEADER_SIZE + self.pool.tensor[0].numel() if self.pool is not None else 0
+            if disk_bytes < chunk_bytes:
+                logger.warning("kvoffload: max_local_disk_size (%.6f GB per worker) is smaller than one chunk "
+                               "(%.6f GB): nothing will be stored on disk; raise it to use the disk tier",
+                               disk_bytes / 1e9, chunk_bytes / 1e9)
         if s.remote_url is not None:
             from kvoffload.tiers.redis_tier import RedisTier
             self.tiers.append(RedisTier(s.remote_url, fingerprint, s.remote_password, s.remote_timeout,
@@ -140,9 +150,9 @@ class OffloadWorker:
                 batch.fence.wait()
 
     def start_load_kv(self, plan: StepPlan | None) -> None:
-        if not isinstance(plan, StepPlan) or self._done_plans.get("load") == id(plan):
+        if not isinstance(plan, StepPlan) or self._done_plans.get("load") is plan:
             return
-        self._done_plans["load"] = id(plan)
+        self._done_plans["load"] = plan
         assert self.pool is not None
         if plan.slot_bytes and plan.slot_bytes != self.pool.tensor[0].numel():
             raise RuntimeError(f"kvoffload: scheduler and worker disagree on the chunk size in bytes "
@@ -156,9 +166,9 @@ class OffloadWorker:
             self._prefetcher.submit(self._prefetch, prefetch.key, prefetch.slot, prefetch.num_pages)
 
     def wait_for_save(self, plan: StepPlan | None) -> None:
-        if not isinstance(plan, StepPlan) or self._done_plans.get("store") == id(plan):
+        if not isinstance(plan, StepPlan) or self._done_plans.get("store") is plan:
             return
-        self._done_plans["store"] = id(plan)
+        self._done_plans["store"] = plan
         if not plan.stores:
             return
         for copies in plan.stores:
@@ -313,6 +323,15 @@ class OffloadWorker:
         return None if report.is_empty() else report
 
     def take_stats(self) -> KVOffloadStats | None:
+        """This worker's counters since the last call, each persistent tier's included (as deltas)."""
+        for tier in self.tiers:
+            current = dataclasses.replace(tier.stats)  # a snapshot: writer and prefetch threads update it
+            seen = self._tier_seen.get(tier.name, TierStats())
+            for name, attr in TIER_FIELDS.items():
+                delta = getattr(current, attr) - getattr(seen, attr)
+                if delta:
+                    self._stats.add(f"{tier.name}_{name}", delta)
+            self._tier_seen[tier.name] = current
         if self._stats.is_empty():
             return None
         stats, self._stats = self._stats, KVOffloadStats()
