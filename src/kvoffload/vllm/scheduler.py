@@ -52,6 +52,7 @@ class _Request:
     wait_deadline: float = 0.0
     prefetch_open: bool = True  # the persistent tiers may still be asked for the rest of the prefix
     prefetch_deadline: float = 0.0  # until when it may wait for room in the host pool to prefetch into
+    present_end: int | None = None  # chunks from the first that exist on disk/remote, asked once per request
     waited: bool = False
 
 
@@ -213,7 +214,9 @@ class OffloadScheduler:
             self.index.pin(key)
             state.pinned.append(key)
         candidates = chain[first:]
-        present = self.persistent.count_leading(candidates)
+        if state.present_end is None:  # retries reuse the answer: a Redis round trip per step would add up
+            state.present_end = first + self.persistent.count_leading(candidates)
+        present = max(state.present_end - first, 0)
         short = 0  # chunks present on disk/remote that found no free slot
         for position, key in enumerate(candidates[:present]):
             entry = self.index.get(key)
@@ -402,6 +405,9 @@ class OffloadScheduler:
             if key in self._prefetch_bad:
                 self._prefetch_bad.pop(key)
                 self.index.drop(key)
+                for state in self._requests.values():  # its pin went with the slot: a later store of the
+                    if key in state.waiting and key in state.pinned:  # key must not lose a pin to our release
+                        state.pinned.remove(key)
                 if self.persistent is not None:
                     self.persistent.discard(key)
                 self.stats.add("prefetch_failures", 1)
