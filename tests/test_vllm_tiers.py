@@ -272,3 +272,19 @@ def test_two_engines_share_kv_through_redis(redis_runs: dict, baseline: list[lis
     assert files(redis_runs["second_disk"]) == []
     summary = tier_summary(run, "disk")
     assert summary["wrote"] == 0 and summary["skipped"] > 0
+
+
+def test_tier_counters_reduce_to_what_vllm_logs() -> None:
+    """Per-tier counters aggregate like the others and show only for the tiers in use."""
+    from kvoffload.vllm.stats import KVOffloadStats
+
+    worker = KVOffloadStats()
+    worker.add("disk_hits", 3)
+    worker.add("disk_read_bytes", 2e9)
+    worker.add("disk_read_seconds", 1.0)
+    worker.add("disk_skipped_writes", 2)
+    assert not worker.is_empty()
+    out = KVOffloadStats().aggregate(worker).reduce()
+    assert out["disk_hits"] == 3 and out["disk_read_GBps"] == 2.0 and out["disk_read_GB"] == 2.0
+    assert out["disk_skipped_writes"] == 2 and out["disk_errors"] == 0
+    assert not any(name.startswith("redis_") for name in out)
