@@ -160,7 +160,7 @@ KEYS: dict[str, _Key] = {
         _Key("local_cpu", True, _parse_bool, "true or false",
              "Keep chunks in the host pool as a cache; false keeps the pool only as the staging buffer of slower tiers."),
         _Key("max_local_cpu_size", 5.0, _parse_size_gb, "a number of GB >= 0",
-             "Size of the host memory pool in GB (10^9 bytes) per vLLM worker; pinned when CUDA is present."),
+             "Size of the host memory pool in GB (10^9 bytes) for the whole engine, split evenly over tensor-parallel ranks; pinned when CUDA is present."),
         _Key("local_disk", None, _parse_disk_path, "a directory path (or file:// URL), or null",
              "Directory of the persistent disk tier; unset means no disk tier."),
         _Key("max_local_disk_size", 0.0, _parse_size_gb, "a number of GB >= 0 (> 0 when local_disk is set)",

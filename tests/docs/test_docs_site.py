@@ -132,10 +132,11 @@ def test_benchmark_plot_from_measured_results(tmp_path):
     text = (out / "results.md").read_text()
     assert "SAMPLE" not in text
     for fact in ("2026-11-24", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
-                 "| kvoffload | 2.580 | 0.516 | 5.0x | 0.446 | 0.105 |", "| vLLM native | 2.599 | 0.606 | 4.3x |",
-                 "| kvoffload | 0.051 | 0.092 | 17.09 | 0.050 | 0.066 | 20.12 |",
+                 "| kvoffload | 2.632 | 0.433 | 6.1x | 0.454 | 0.104 |", "| vLLM native | 2.721 | 0.485 | 5.6x |",
+                 "| kvoffload + disk | 2.658 | 0.472 | 5.6x | 0.465 | 0.124 |",
+                 "| kvoffload | 0.035 | 0.075 | 21.98 | 0.042 | 0.062 | 23.01 |",
                  "| Qwen3-8B | store | 51.5 | 44.3 | 16.6 | 54.5 | 94.4% | yes |",
-                 "kvoffload: yes, vLLM native: yes"):
+                 "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
         assert fact in text, fact
     # The committed page assets are what the script makes from the committed results.
     committed = ROOT / "docs" / "_static" / "bench"

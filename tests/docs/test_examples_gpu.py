@@ -17,7 +17,8 @@ from helpers import ROOT, example_env
 from logfilter import hits_by_request
 
 pytestmark = pytest.mark.gpu
-MODEL = os.environ.get("DOCS_GPU_MODEL", "Qwen/Qwen3-8B")
+DEFAULT_MODEL = "Qwen/Qwen3-8B"
+MODEL = os.environ.get("DOCS_GPU_MODEL", DEFAULT_MODEL)
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +43,20 @@ def test_offline_offload_gpu():
 
 def test_cpu_offloading_speedup_gpu():
     proc = _run([str(ROOT / "examples" / "cpu_offloading_speedup.py"), "--model", MODEL, "--kvoffload"])
+    output = proc.stdout + proc.stderr
     speedup = float(re.search(r"Speedup \(first run / second run\): ([\d.]+)x", proc.stdout).group(1))
     print(proc.stdout)
-    assert speedup > 1.5, proc.stdout
+    # Every request of the second run must load its prefix from kvoffload (10 prompts per run by default).
+    hits = list(hits_by_request(output).values())
+    assert len(hits) == 20 and hits[:10] == [0] * 10 and all(h > 0 for h in hits[10:]), hits
+    assert "Loaded KV cache for" in output
+    if MODEL == DEFAULT_MODEL:
+        # 1.5x is meant for a real 8B model, whose prefill of 10,000 tokens costs far more than a load.
+        assert speedup > 1.5, proc.stdout
+    else:
+        # A tiny model's prefill costs almost nothing (1.38x on a 2-layer model on an H100): the load
+        # only has to be faster than recomputing.
+        assert speedup > 1.0, proc.stdout
 
 
 def test_spawn_troubleshooting_gpu():
