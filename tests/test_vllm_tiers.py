@@ -119,7 +119,10 @@ def disk_runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("disk")
     key_log = root / "keys.jsonl"
     a_dir, c_dir = root / "a", root / "c-faults"
-    a = run_engine(connector_spec(tiny_model, DISK, {"local_disk": str(a_dir), "max_local_disk_size": 1},
+    # A's pool sizes its writer queue (an eighth of the pool: 9 chunks) so that a busy machine skips no write;
+    # B's pool (15 slots) is smaller than the 20 chunks it reads back, so its prefetches wait for room.
+    a = run_engine(connector_spec(tiny_model, DISK, {"local_disk": str(a_dir), "max_local_disk_size": 1,
+                                                     "max_local_cpu_size": 0.01},
                                   connector="tests.connectors", connector_name="KeyLogConnector"),
                    env={"KVO_TEST_KEY_LOG": str(key_log)})
     a_files = files(a_dir)
@@ -229,7 +232,9 @@ def redis_runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     restart = (f"redis-server --port {server.port} --bind 127.0.0.1 --save '' --appendonly no --dir {server.dir} "
                f"--daemonize yes --pidfile {restarted} && {wait_up} && sleep 1.2")  # past the tier's retry delay
     orders = [[0, 1], [0, 1], [5, 6], [5, 6], [5, 6]]
-    remote = {"remote_url": server.url, "local_cpu": False}
+    # local_cpu off: a hit must come from Redis. A larger pool sizes the writer queue (an eighth of the pool)
+    # above the 12 chunks of a round; a queue of 4 skips writes on a busy 2-core machine, as designed.
+    remote = {"remote_url": server.url, "local_cpu": False, "max_local_cpu_size": 0.02}
     try:
         first = run_engine({**connector_spec(tiny_model, [], remote), "orders": orders,
                             "between_rounds": ["sleep 1", f"kill -9 {server._proc.pid}", restart, "sleep 1"]})

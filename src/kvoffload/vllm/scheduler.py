@@ -29,6 +29,9 @@ from kvoffload.vllm.stats import KVOffloadStats
 logger = logging.getLogger("kvoffload")
 
 PREFETCH_TIMEOUT_S = 30.0  # a request waits at most this long for its prefix to come from disk/remote
+#: How long a request whose prefix is on disk/remote waits for host-pool room to prefetch into. Other
+#: requests' loads free slots within a few steps; a pool that stays full means recomputing is faster.
+PREFETCH_ROOM_WAIT_S = 2.0
 
 
 class UnsupportedModel(ValueError):
@@ -209,7 +212,7 @@ class OffloadScheduler:
         assert self.persistent is not None
         now = time.monotonic()
         if not state.prefetch_deadline:
-            state.prefetch_deadline = now + PREFETCH_TIMEOUT_S
+            state.prefetch_deadline = now + PREFETCH_ROOM_WAIT_S
         for key in chain[:first]:  # our own allocations below must not evict the prefix we already have
             self.index.pin(key)
             state.pinned.append(key)
