@@ -390,16 +390,20 @@ class OffloadScheduler:
                     self.index.unpin(key)
                     self._inflight -= 1  # its persist will not happen
                 self.index.drop(key)
+                self.stats.add("skipped_stores", 1)
             else:
                 self.index.mark_ready(key)
                 self.stats.add("stored_chunks", 1)
         for key in self._complete(self._load_done, None, report.loaded, None):
             self.index.unpin(key)
+            self.stats.add("loaded_chunks", 1)
         self._persist_ok.update(report.persisted_ok)
         for key in self._complete(self._persist_done, None, report.persisted, None):
             self._inflight -= 1
             self.index.unpin(key)
-            if self._persist_ok.pop(key, 0) >= self.world_size and self.persistent is not None:
+            persisted = self._persist_ok.pop(key, 0) >= self.world_size
+            self.stats.add("persisted_chunks" if persisted else "persist_failures", 1)
+            if persisted and self.persistent is not None:
                 self.persistent.add(key)
             if not self.settings.local_cpu:
                 self.index.drop(key)

@@ -1,6 +1,7 @@
 """Connector statistics: what vLLM logs as ``KV Transfer metrics`` and exports to Prometheus.
 
-The scheduler side counts lookups, hits and pool use; each worker counts bytes and seconds it copied.
+The scheduler side counts lookups, hits, pool use and chunk events (once per chunk, whatever the number of
+ranks); each worker counts the bytes and seconds it copied (summed over ranks by vLLM).
 vLLM aggregates the workers' objects with the scheduler's one (same class), ships them to the front-end
 and calls :meth:`reduce` once per log interval.
 """

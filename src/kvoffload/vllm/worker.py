@@ -181,7 +181,6 @@ class OffloadWorker:
             for copies in plan.stores:
                 for chunk in copies.chunks:
                     self._report.store_failed[chunk.key] += 1
-            self._stats.add("skipped_stores", sum(len(c.chunks) for c in plan.stores))
             return
         batch = self._issue(plan.stores, backend.store)
         self._stores.append(batch)
@@ -260,7 +259,6 @@ class OffloadWorker:
             for copies in batch.copies:
                 for chunk in copies.chunks:
                     self._report.loaded[chunk.key] += 1
-                self._stats.add("loaded_chunks", len(copies.chunks))
             total_tokens = sum(c.num_tokens for c in batch.copies)
             for copies in batch.copies:
                 share = copies.num_tokens / total_tokens if total_tokens else 0
@@ -313,7 +311,6 @@ class OffloadWorker:
                 self._report.persisted[key] += 1
                 if ok:
                     self._report.persisted_ok[key] += 1
-                self._stats.add("persisted_chunks" if ok else "persist_failures", 1)
         for tier in self.tiers:
             self._report.removed.update(tier.drain_removed())
 
