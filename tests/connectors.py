@@ -15,18 +15,29 @@ from kvoffload.vllm.worker import OffloadWorker
 
 
 class NoLoadConnector(KVOffloadConnector):
-    """Claims the same hits as the real connector but writes zeros instead of the stored KV."""
+    """Claims the same hits as the real connector but writes zeros instead of the stored KV.
+
+    ``zero_ranks`` limits that to some tensor-parallel ranks (all of them when None).
+    """
+
+    zero_ranks: frozenset[int] | None = None
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         plan = self._bound_plan()
         worker: OffloadWorker = self._worker
-        if plan is not None and plan.loads:
+        if plan is not None and plan.loads and (self.zero_ranks is None or worker.rank in self.zero_ranks):
             for copies in plan.loads:
                 for chunk in copies.chunks:
                     for layer in worker.kv.layers:
                         layer[chunk.block_ids] = 0
             plan.loads = []
         super().start_load_kv(forward_context, **kwargs)
+
+
+class Rank1ZeroLoadConnector(NoLoadConnector):
+    """Tensor-parallel negative control: rank 1 claims its loads but writes zeros; rank 0 loads."""
+
+    zero_ranks = frozenset({1})
 
 
 class KeyLogConnector(KVOffloadConnector):

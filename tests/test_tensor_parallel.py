@@ -38,7 +38,6 @@ from kvoffload.config import load_settings  # noqa: E402
 from kvoffload.tiers.disk import HEADER_SIZE  # noqa: E402
 from kvoffload.tiers.host_index import SlotState  # noqa: E402
 from kvoffload.transfer.base import Fence  # noqa: E402
-from kvoffload.vllm.connector import KVOffloadConnector  # noqa: E402
 from kvoffload.vllm.identity import model_fingerprint  # noqa: E402
 from kvoffload.vllm.persistent import storage_fingerprint  # noqa: E402
 from kvoffload.vllm.plan import StepPlan, WorkerReport  # noqa: E402
@@ -400,20 +399,6 @@ def tp2_spec(model: str, **kw: Any) -> dict:
     return {"model": model, "prompts": TP_PROMPTS, "rounds": 2, "engine": {"tensor_parallel_size": 2}, **kw}
 
 
-class Rank1ZeroLoadConnector(KVOffloadConnector):
-    """Negative control (selected by module path): rank 1 claims its loads but writes zeros; rank 0 loads."""
-
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        plan, worker = self._bound_plan(), self._worker
-        if worker is not None and worker.rank == 1 and plan is not None and plan.loads:
-            for copies in plan.loads:
-                for chunk in copies.chunks:
-                    for layer in worker.kv.layers:
-                        layer[chunk.block_ids] = 0
-            plan.loads = []
-        super().start_load_kv(forward_context, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def tp2_baseline(tiny_model: str) -> EngineRun:
     return run_engine(tp2_spec(tiny_model, rounds=1), env=TP_ENV)
@@ -456,7 +441,7 @@ def test_tp2_each_rank_logs_its_own_worker(tp2_offload: EngineRun) -> None:
 @pytest.mark.vllm
 def test_tp2_rank1_shard_is_needed(tiny_model: str, tp2_baseline: EngineRun) -> None:
     """If only rank 0 restores its shard the outputs change: both ranks' loads carry the result."""
-    run = run_engine(tp2_spec(tiny_model, connector="tests.test_tensor_parallel",
+    run = run_engine(tp2_spec(tiny_model, connector="tests.connectors",
                               connector_name="Rank1ZeroLoadConnector", extra_config={"max_local_cpu_size": 0.2}),
                      env=TP_ENV)
     assert min(run.hit_tokens()[-2:]) >= 5 * 256, "the second round must load (almost) the whole prompts"
