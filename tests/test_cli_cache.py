@@ -11,7 +11,7 @@ import redis
 
 from kvoffload.tiers.disk import HEADER_SIZE, DiskTier
 from kvoffload.tiers.redis_tier import RedisTier
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 FP = bytes(range(32))

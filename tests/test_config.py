@@ -136,3 +136,13 @@ def test_cli_serve_builds_the_vllm_command_and_validates_first() -> None:
     assert proc.returncode == 2 and "max_local_cpu_size" in proc.stderr
     proc = _cli("serve", "m", "--kv-transfer-config", "{}")
     assert proc.returncode == 2 and "sets --kv-transfer-config itself" in proc.stderr
+
+
+def test_pool_smaller_than_one_chunk_is_an_error_naming_the_key() -> None:
+    from kvoffload.vllm.identity import slots_per_worker
+
+    s = settings({"max_local_cpu_size": 0.001})
+    assert slots_per_worker(s, world_size=2, slot_bytes=100_000) == 5  # 1 MB split over 2 ranks
+    with pytest.raises(ConfigError) as err:
+        slots_per_worker(s, world_size=1, slot_bytes=37_748_736)
+    assert "'max_local_cpu_size'" in str(err.value) and "0.038 GB" in str(err.value)

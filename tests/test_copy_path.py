@@ -169,7 +169,7 @@ def test_factory_on_cpu_uses_torch() -> None:
 def emulate_cuda_path(kv: PagedKV, pool: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
                       per_piece: int, store: bool) -> None:
     """Do what ``kvo_copy_pages`` and ``kvo_copy_runs`` do (see csrc/kv_copy.h), one piece at a time."""
-    layers, pps, page_bytes = kv.num_layers, pool.shape[2], kv.page_bytes
+    layers, page_bytes = kv.num_layers, kv.page_bytes
     entries, pieces = plan_copy(ids, slots, pages, layers, page_bytes, per_piece)
     assert entries.shape == (len(ids), 3)
     assert sum(p.count for p in pieces) == len(ids)

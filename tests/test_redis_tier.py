@@ -13,7 +13,7 @@ from kvoffload.tiers import redis_tier
 from kvoffload.tiers.base import PutResult
 from kvoffload.tiers.disk import HEADER_SIZE
 from kvoffload.tiers.redis_tier import RedisTier
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
+from tests.redis_server import RedisServer
 
 FP = bytes(range(32))
 OTHER_FP = bytes(range(1, 33))

@@ -14,7 +14,7 @@ full): failures are counted in :class:`TierStats` and reported as False.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable
 

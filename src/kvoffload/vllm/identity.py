@@ -8,6 +8,18 @@ from kvoffload.config import ConfigError, Settings
 from kvoffload.keys import ModelFingerprint
 
 
+def slots_per_worker(settings: Settings, world_size: int, slot_bytes: int) -> int:
+    """Chunk slots in each worker's share of the host pool; a pool smaller than one chunk is a config error."""
+    slots = (settings.cpu_pool_bytes // world_size) // slot_bytes
+    if slots == 0:
+        raise ConfigError(
+            f"invalid value {settings.max_local_cpu_size!r} for 'max_local_cpu_size' "
+            f"(from {settings.sources.get('max_local_cpu_size')}): one chunk of this model takes "
+            f"{slot_bytes * world_size / 1e9:.3f} GB; expected at least that"
+        )
+    return slots
+
+
 def pages_per_chunk(settings: Settings, kv_cache_config: Any) -> int:
     """vLLM blocks per chunk; a chunk must be whole blocks, so ``chunk_size`` must be a multiple of them."""
     block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size

@@ -26,13 +26,14 @@ def storage_fingerprint(model: ModelFingerprint, layout: str, rank: int, world_s
 
 class PersistentLookup:
     def __init__(self, settings: Settings, fingerprint: bytes) -> None:
-        self._disk_keys: set[bytes] = set()
+        # chunks known to be persisted: the disk listing at start, then every chunk a worker wrote out
+        self._known: set[bytes] = set()
         self._remote = None
         if settings.local_disk is not None:
             from kvoffload.tiers.disk import list_disk_keys
-            self._disk_keys = list_disk_keys(settings.local_disk, fingerprint)
+            self._known = list_disk_keys(settings.local_disk, fingerprint)
             logger.info("kvoffload: disk tier %s holds %d chunks for this model", settings.local_disk,
-                        len(self._disk_keys))
+                        len(self._known))
         if settings.remote_url is not None:
             from kvoffload.tiers.redis_tier import RedisTier
             self._remote = RedisTier(settings.remote_url, fingerprint, settings.remote_password,
@@ -41,7 +42,7 @@ class PersistentLookup:
     def count_leading(self, keys: list[bytes]) -> int:
         """How many of ``keys``, from the first, exist in some persistent tier."""
         count = 0
-        while count < len(keys) and keys[count] in self._disk_keys:
+        while count < len(keys) and keys[count] in self._known:
             count += 1
         if self._remote is not None and count < len(keys):
             for present in self._remote.contains(keys[count:]):
@@ -51,10 +52,10 @@ class PersistentLookup:
         return count
 
     def add(self, key: bytes) -> None:
-        self._disk_keys.add(key)
+        self._known.add(key)
 
     def discard(self, key: bytes) -> None:
-        self._disk_keys.discard(key)
+        self._known.discard(key)
 
     def close(self) -> None:
         if self._remote is not None:

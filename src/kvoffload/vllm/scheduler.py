@@ -18,9 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvoffload.config import ConfigError, Settings
+from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk
+from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk, slots_per_worker
 from kvoffload.tiers.host_index import HostIndex, SlotState
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
@@ -76,14 +76,7 @@ class OffloadScheduler:
         self.world_size = parallel.world_size
         num_layers = len(groups[0].layer_names)
         self.slot_bytes = num_layers * self.pages_per_chunk * spec.page_size_bytes
-        pool_bytes = settings.cpu_pool_bytes // self.world_size
-        num_slots = pool_bytes // self.slot_bytes
-        if num_slots == 0:
-            raise ConfigError(
-                f"invalid value {settings.max_local_cpu_size!r} for 'max_local_cpu_size' "
-                f"(from {settings.sources.get('max_local_cpu_size')}): one chunk of this model takes "
-                f"{self.slot_bytes * self.world_size / 1e9:.3f} GB; expected at least that"
-            )
+        num_slots = slots_per_worker(settings, self.world_size, self.slot_bytes)
         self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
         self.index = HostIndex(num_slots)
         self.persistent: PersistentLookup | None = None
@@ -137,12 +130,11 @@ class OffloadScheduler:
         self._release(state)
 
         hit_chunks = self._leading_ready(chain)
-        in_flight = [k for k in chain[hit_chunks:] if self._in_flight(k)]
-        if in_flight and hit_chunks < len(chain) and self._in_flight(chain[hit_chunks]) and not state.waited:
+        if hit_chunks < len(chain) and self._in_flight(chain[hit_chunks]) and not state.waited:
             # The next chunks are being stored (an identical prefix was just computed) or prefetched: their
             # bytes arrive within milliseconds, far sooner than recomputing them, so ask vLLM to come back.
             state.waited = True
-            state.waiting = set(in_flight)
+            state.waiting = {k for k in chain[hit_chunks:] if self._in_flight(k)}
             state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
             return None, False
         if self.persistent is not None and state.prefetch_open and hit_chunks < len(chain):

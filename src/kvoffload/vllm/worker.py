@@ -30,7 +30,7 @@ from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
-from kvoffload.vllm.identity import pages_per_chunk
+from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
@@ -67,7 +67,6 @@ class OffloadWorker:
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
         self.rank = _tp_rank() if rank is None else rank
-        self.chunk_size = settings.chunk_size
         self.pool: HostPool | None = None
         self.backend: CopyBackend | None = None
         self.tiers: list[ChunkTier] = []
@@ -95,7 +94,7 @@ class OffloadWorker:
         kv = paged_kv(tensors, self.kv_cache_config.num_blocks)
         pages_per_slot = pages_per_chunk(self.settings, self.kv_cache_config)
         slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
-        num_slots = (self.settings.cpu_pool_bytes // self.world_size) // slot_bytes
+        num_slots = slots_per_worker(self.settings, self.world_size, slot_bytes)
         on_gpu = kv.device.type == "cuda"
         self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=on_gpu)
         self.kv = kv
