@@ -10,6 +10,9 @@ import json
 import os
 from typing import Any
 
+import torch
+
+from kvoffload.transfer.base import DoneFence, Fence
 from kvoffload.vllm.connector import KVOffloadConnector
 from kvoffload.vllm.worker import OffloadWorker
 
@@ -17,20 +20,24 @@ from kvoffload.vllm.worker import OffloadWorker
 class NoLoadConnector(KVOffloadConnector):
     """Claims the same hits as the real connector but writes zeros instead of the stored KV.
 
-    ``zero_ranks`` limits that to some tensor-parallel ranks (all of them when None).
+    ``zero_ranks`` limits that to some tensor-parallel ranks (all of them when None). The load still goes
+    through the worker (and is reported finished), only the copy itself is replaced.
     """
 
     zero_ranks: frozenset[int] | None = None
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        plan = self._bound_plan()
         worker: OffloadWorker = self._worker
-        if plan is not None and plan.loads and (self.zero_ranks is None or worker.rank in self.zero_ranks):
-            for copies in plan.loads:
-                for chunk in copies.chunks:
-                    for layer in worker.kv.layers:
-                        layer[chunk.block_ids] = 0
-            plan.loads = []
+        backend = worker.backend
+        zero_here = self.zero_ranks is None or worker.rank in self.zero_ranks
+        if backend is not None and zero_here and not getattr(backend, "zeroing", False):
+            def zero(block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
+                for layer in worker.kv.layers:
+                    layer[block_ids] = 0
+                return DoneFence()
+
+            backend.load = zero  # type: ignore[method-assign]
+            backend.zeroing = True
         super().start_load_kv(forward_context, **kwargs)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kvoffload.transfer import TorchCopyBackend, make_copy_backend
+from kvoffload.transfer import cuda as cuda_copy
 from kvoffload.transfer.base import CopyBackend, PagedKV
 from kvoffload.transfer.cuda import PIECE_BYTES, plan_copy, piece_entries, vector_bytes
 from kvoffload.transfer.layout import paged_kv
@@ -147,8 +148,8 @@ def roundtrip(make_backend: Callable[[PagedKV, torch.Tensor], CopyBackend], layo
     cache.poison()
     snapshot = cache.snapshot()
     backend = make_backend(kv, pool)
-    backend.load(ids, slots, pages)
-    check_cache_after_load(cache, snapshot, pool, ids, slots, pages)  # compute-stream reads must see the load
+    backend.load(ids, slots, pages).wait()
+    check_cache_after_load(cache, snapshot, pool, ids, slots, pages)
     backend.close()
 
 
@@ -277,7 +278,7 @@ def test_unaligned_pages_cuda() -> None:
             cache_snapshot = cache.snapshot()
             pool = make_pool(kv, fill="random")
             copier = backend(kv, pool)
-            copier.load(ids, slots, pages)
+            copier.load(ids, slots, pages).wait()
             check_cache_after_load(cache, cache_snapshot, pool, ids, slots, pages)
 
 
@@ -340,7 +341,7 @@ def test_same_slot_ordering(backend: str) -> None:
     copier.load(*chunk(b, 0))  # reads slot 0 ...
     copier.store(*chunk(a, 0))  # ... which this store then overwrites
     copier.load(*chunk(c, 0))  # must see the store, not the old slot
-    copier.store(*chunk(c, 1))  # reads c after that load wrote it (through the compute stream)
+    copier.store(*chunk(c, 1))  # reads c after that load wrote it
     copier.load(*chunk(a, 2))  # overwrites a, which the store into slot 0 may still be reading
     copier.fence().wait()
     torch.cuda.synchronize()
@@ -350,3 +351,24 @@ def test_same_slot_ordering(backend: str) -> None:
     assert torch.equal(layer_pages(cache, c).cpu(), pages_a)
     assert torch.equal(pool[1], pages_a)
     assert torch.equal(layer_pages(cache, a).cpu(), pool[2])
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_loads_follow_a_long_store_piece_by_piece(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt stored a moment ago is loaded while its store is still on the wire: each load waits for the
+    store piece writing its slot only (pieces shrunk here so one store spans 32 of them), and gets its bytes."""
+    monkeypatch.setattr(cuda_copy, "PIECE_BYTES", 1 << 20)  # 2 pages of 8 layers x 64 KiB per piece
+    cache, kv = big_cache()
+    pool = make_pool(kv, slots=4, pages_per_slot=16, fill="random")
+    copier = BACKENDS[backend](kv, pool)
+    stored = list(range(0, 64))
+    expected = layer_pages(cache, stored).cpu()
+    ids = torch.tensor(stored)
+    copier.store(ids, ids // 16, ids % 16)
+    fences = [copier.load(*chunk(list(range(64 + 16 * i, 80 + 16 * i)), i)) for i in range(4)]
+    for fence in fences:
+        fence.wait()
+    assert torch.equal(layer_pages(cache, list(range(64, 128))).cpu(), expected)
+    assert all(f.seconds() is None or f.seconds() > 0 for f in fences)

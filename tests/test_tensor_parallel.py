@@ -59,11 +59,12 @@ PROMPT = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a 10-tok
 PROMPT_BLOCKS = -(-len(PROMPT) // BLOCK)
 
 
-def vllm_config(world_size: int) -> Any:
+def vllm_config(world_size: int, device_type: str = "cpu") -> Any:
     return SimpleNamespace(
         parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
                                         pipeline_parallel_size=1),
-        model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None))
+        model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None),
+        device_config=SimpleNamespace(device_type=device_type))
 
 
 def kv_cache_config() -> Any:
@@ -173,19 +174,26 @@ class TPEngine:
             worker.handle_preemptions(own)
             worker.start_load_kv(own)
             worker.wait_for_save(own)  # (the forward pass would run between these two)
-            sending, _ = worker.get_finished(set(finished), own)
+            sending, recving = worker.get_finished(set(finished), own)
             self.sending.append(sending)
             outputs.append(ModelRunnerOutput(req_ids=[], req_id_to_index={}, kv_connector_output=KVConnectorOutput(
-                finished_sending=sending, kv_connector_worker_meta=worker.build_report())))
+                finished_sending=sending, finished_recving=recving, kv_connector_worker_meta=worker.build_report())))
         result = self.aggregator.aggregate(outputs).kv_connector_output
         self.scheduler.update_connector_output(result)
         return result
 
     def gate(self, rank: int) -> dict[str, bool]:
+        """Rank ``rank``'s stores copy at once (CPU) but report themselves in flight until the gate opens."""
         gate = {"open": False}
         backend = self.workers[rank].backend
         assert backend is not None
-        backend.fence = lambda: GatedFence(gate)  # type: ignore[method-assign]
+        store = backend.store
+
+        def gated_store(*args: torch.Tensor) -> Fence:
+            store(*args)
+            return GatedFence(gate)
+
+        backend.store = gated_store  # type: ignore[method-assign]
         return gate
 
     def keys(self, req: Request) -> list[bytes]:
@@ -266,7 +274,7 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
     caplog.set_level(logging.INFO, logger="kvoffload")
     b = Request("b", PROMPT)
     need, load_async = engine.scheduler.get_num_new_matched_tokens(b, 0)
-    assert (need, load_async) == (len(PROMPT) - 1, False)
+    assert (need, load_async) == (len(PROMPT) - 1, True)
     hit_lines = [r.getMessage() for r in caplog.records if "kvoffload hit tokens" in r.getMessage()]
     assert hit_lines == [f"Reqid: b, Total tokens {len(PROMPT)}, kvoffload hit tokens: {need}, need to load: {need}"]
     assert engine.scheduler.stats.data["lookup_requests"] == 2
@@ -277,7 +285,8 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
     for cache in engine.caches:
         cache[:, b_blocks] = float("nan")
     engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
-    engine.step(schedule_new(b, b_blocks, need, 1))
+    out = engine.step()  # an async load: vLLM schedules b only once every rank reported it finished
+    assert out.finished_recving == {"b"}
     for rank in range(2):
         restored, original = engine.pages(rank, b_blocks), engine.pages(rank, a_blocks)
         assert torch.equal(restored.view(torch.uint8), original.view(torch.uint8)), f"rank {rank} got wrong bytes"
@@ -285,6 +294,60 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
     # the load's pins are released once both ranks reported it (one aggregated report here)
     assert all(engine.scheduler.index.get(k).pins == 0 for k in keys)
     engine.shutdown()
+
+
+def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> None:
+    """A repeat of a prompt whose stores are in flight hits at once: its load is queued behind the stores
+    (on a GPU the copy engines order them chunk by chunk; here rank 1's stores merely report late)."""
+    engine = TPEngine()
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    keys = engine.keys(a)
+    gate = engine.gate(rank=1)
+    store_prompt(engine, a, a_blocks)
+    assert all(engine.scheduler.index.get(k).state is SlotState.STORING for k in keys)
+
+    b = Request("b", PROMPT)
+    need, load_async = engine.scheduler.get_num_new_matched_tokens(b, 0)
+    assert (need, load_async) == (len(PROMPT) - 1, True), "a chunk whose store was issued must be promised"
+    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
+    for cache in engine.caches:
+        cache[:, b_blocks] = float("nan")
+    engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
+    assert engine.step().finished_recving == {"b"}
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
+    assert all(engine.scheduler.index.get(k).state is SlotState.STORING for k in keys)
+    assert all(engine.scheduler.index.get(k).pins == 0 for k in keys), "the load's pins outlived it"
+    gate["open"] = True
+    wait_idle(engine)
+    assert all(engine.scheduler.index.ready(k) is not None for k in keys)
+    engine.shutdown()
+
+
+def test_nothing_is_planned_until_every_worker_reports_its_pinned_pool_ready() -> None:
+    """With a CUDA cache the pool is pinned in the background; a planned store must run (a load may be queued
+    behind it), so stores wait for both ranks' reports and then catch up on the chunks computed meanwhile."""
+    settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": 2 * SLOTS_PER_RANK * SLOT_BYTES / 1e9},
+                             environ={})
+    scheduler = OffloadScheduler(vllm_config(2, device_type="cuda"), kv_cache_config(), settings)
+    a = Request("a", PROMPT)
+    blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    assert scheduler.get_num_new_matched_tokens(a, 0) == (0, False)
+    scheduler.update_state_after_alloc(a, Blocks(blocks), 0)
+    assert scheduler.build_connector_meta(schedule_new(a, blocks, 0, 2 * CHUNK)).stores == []
+
+    def decode_step() -> StepPlan:
+        cached = CachedRequestData(req_ids=["a"], new_block_ids=[None], num_computed_tokens=[2 * CHUNK])
+        return scheduler.build_connector_meta(SchedulerOutput(scheduled_cached_reqs=cached,
+                                                              num_scheduled_tokens={"a": CHUNK}))
+
+    scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=WorkerReport(copy_ready=1)))
+    assert decode_step().stores == [], "planned before rank 1's pool was pinned"
+    scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=WorkerReport(copy_ready=1)))
+    plan = decode_step()
+    assert [len(c.chunks) for c in plan.stores] == [3], "the chunks computed before readiness were not caught up"
+    scheduler.shutdown()
 
 
 def test_reports_count_per_rank_until_world_size() -> None:
@@ -320,15 +383,11 @@ def test_same_chunk_loaded_for_two_requests_in_one_step_releases_both_pins() -> 
     store_prompt(engine, Request("a", PROMPT), a_blocks)
     b, c = Request("b", PROMPT), Request("c", PROMPT)
     keys = engine.keys(b)
-    output = SchedulerOutput()
     for req, first in ((b, 20), (c, 40)):
         need, _ = engine.scheduler.get_num_new_matched_tokens(req, 0)
-        blocks = list(range(first, first + PROMPT_BLOCKS))
-        engine.scheduler.update_state_after_alloc(req, Blocks(blocks), need)
-        output.scheduled_new_reqs.append(NewRequestData(req.request_id, (blocks,), need))
-        output.num_scheduled_tokens[req.request_id] = 1
+        engine.scheduler.update_state_after_alloc(req, Blocks(list(range(first, first + PROMPT_BLOCKS))), need)
     assert all(engine.scheduler.index.get(k).pins == 2 for k in keys)
-    engine.step(output)
+    assert engine.step().finished_recving == {"b", "c"}
     for rank in range(2):
         assert torch.equal(engine.pages(rank, list(range(40, 40 + PROMPT_BLOCKS))), engine.pages(rank, a_blocks))
     assert [engine.scheduler.index.get(k).pins for k in keys] == [0] * len(keys), "a load's pin leaked"
@@ -382,7 +441,7 @@ def test_disk_tier_round_trip_keeps_each_rank_shard(tmp_path: Path) -> None:
     for cache in second.caches:
         cache[:, b_blocks] = float("nan")
     second.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
-    second.step(schedule_new(b, b_blocks, need, 1))
+    assert second.step().finished_recving == {"b"}
     for rank in range(2):
         assert torch.equal(second.pages(rank, b_blocks).view(torch.uint8), shards[rank].view(torch.uint8))
     second.shutdown()

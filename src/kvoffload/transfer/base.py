@@ -17,12 +17,17 @@ Ordering contract (every backend)
 ---------------------------------
 * ``store`` reads the KV cache after all work already queued on the current compute stream, and returns
   without waiting for the copy.
-* ``load`` returns once work queued on the current compute stream afterwards is guaranteed to see the
-  loaded pages (the CPU may not wait for the bytes to arrive).
-* Copies issued later never overtake earlier ones that touch the same host slot: a store into a slot
-  that an earlier load reads from waits for that load.
-* ``fence()`` returns a handle for everything issued so far; ``Fence.done()`` polls, ``Fence.wait()``
-  blocks. The host bytes of a stored slot are valid once its fence is done.
+* ``load`` returns without waiting either, and without holding up the compute stream: the loaded pages
+  are in place once its fence is done. vLLM runs no forward on a request whose load the worker has not
+  reported finished, so requests whose KV is on its way never stall the others' forwards.
+* Copies issued later never overtake earlier ones that touch the same host slot or the same vLLM block:
+  a store into a slot that an earlier load reads from waits for that load, a load from a slot an earlier
+  store writes waits for it (chunk by chunk, so a chunk still being stored can be loaded right behind
+  it), a store of blocks an earlier load writes waits for that load, and a load into blocks an earlier
+  store still reads waits for the store.
+* ``store`` and ``load`` return the :class:`Fence` of that copy; ``fence()`` one for everything issued so
+  far. ``Fence.done()`` polls, ``Fence.wait()`` blocks. The host bytes of a stored slot are valid once its
+  fence is done.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ class Fence(ABC):
     @abstractmethod
     def wait(self) -> None: ...
 
-    def seconds_since(self, start: "torch.cuda.Event") -> float | None:
-        """GPU time from ``start`` (a timing event on the compute stream) to the fenced copies' end, once done."""
+    def seconds(self) -> float | None:
+        """GPU time the fenced copy took (from when it could start to its end), once done; None if unknown."""
         return None
 
 
@@ -86,11 +91,11 @@ class CopyBackend(ABC):
         self.pool = pool
 
     @abstractmethod
-    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         """Copy every layer of ``block_ids[i]`` into ``pool[slots[i], :, pages[i]]``."""
 
     @abstractmethod
-    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         """Copy ``pool[slots[i], :, pages[i]]`` into every layer of ``block_ids[i]``."""
 
     @abstractmethod

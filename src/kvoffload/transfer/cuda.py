@@ -9,10 +9,12 @@ PCIe is always crossed by the copy engines in large runs.
 Each direction is a pipeline over *pieces* (windows of the copy list, up to 64 MiB of pages): a kernel stream
 and a DMA stream hand pieces to each other through events, double-buffered in a staging ring, so the
 kernel for piece *p+1* runs while piece *p* is on the wire. Stores and loads have separate pipelines so a
-load on the critical path never queues behind a long store; the hazards between them are ordered
-explicitly: per host slot (a store into a slot waits for earlier loads reading it, a load waits for
-earlier stores writing it) and per vLLM block (a load does not overwrite a block an earlier store has not
-gathered yet).
+load on the critical path never queues behind a long store, and a load never holds up the compute stream
+(vLLM runs a request only once its load is reported done). The hazards between them are ordered
+explicitly: per host slot (a store into a slot waits for earlier loads reading it; a load waits for the
+store piece writing it, so a chunk stored a moment ago is loaded right behind its store, PCIe carrying
+both directions at once) and per vLLM block (a load does not overwrite a block an earlier store has not
+gathered yet, a store does not gather a block an earlier load has not written yet).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from kvoffload.transfer.base import CopyBackend, Fence, PagedKV
+from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, PagedKV
 from kvoffload.transfer.torch_copy import slot_runs
 
 PIECE_BYTES = 64 << 20
@@ -129,8 +131,11 @@ def vector_bytes(addresses: list[int], page_bytes: int) -> int:
 
 
 class _EventsFence(Fence):
-    def __init__(self, events: list[torch.cuda.Event]) -> None:
+    """Done when every event is; timed from ``start`` (recorded where the copy could begin) to the last."""
+
+    def __init__(self, events: list[torch.cuda.Event], start: torch.cuda.Event | None = None) -> None:
         self.events = events
+        self.start = start
 
     def done(self) -> bool:
         return all(event.query() for event in self.events)
@@ -139,9 +144,30 @@ class _EventsFence(Fence):
         for event in self.events:
             event.synchronize()
 
-    def seconds_since(self, start: torch.cuda.Event) -> float | None:
-        # events recorded before ``start`` give negative times; the latest one ends the copies
-        return max(start.elapsed_time(event) for event in self.events) / 1e3
+    def seconds(self) -> float | None:
+        if self.start is None:
+            return None
+        return max(self.start.elapsed_time(event) for event in self.events) / 1e3
+
+
+class _BlockUse:
+    """In-flight copies that touch vLLM blocks: (event recorded when the copy is done with them, blocks)."""
+
+    def __init__(self) -> None:
+        self._uses: list[tuple[torch.cuda.Event, frozenset[int]]] = []
+
+    def add(self, event: torch.cuda.Event, block_ids: torch.Tensor) -> None:
+        self._forget_finished()
+        self._uses.append((event, frozenset(block_ids.tolist())))
+
+    def pending(self, block_ids: torch.Tensor) -> list[torch.cuda.Event]:
+        """Events of the unfinished copies that touch any of ``block_ids``."""
+        self._forget_finished()
+        wanted = set(block_ids.tolist())
+        return [event for event, blocks in self._uses if not blocks.isdisjoint(wanted)]
+
+    def _forget_finished(self) -> None:
+        self._uses = [(event, blocks) for event, blocks in self._uses if not event.query()]
 
 
 class _Pipeline:
@@ -196,55 +222,67 @@ class CudaCopyBackend(CopyBackend):
         piece_bytes = self._per_piece * num_layers * kv.page_bytes
         self._store = _Pipeline(self.device, piece_bytes)
         self._load = _Pipeline(self.device, piece_bytes)
-        self._stored_to: dict[int, torch.cuda.Event] = {}  # slot -> last store writing it
+        self._stored_to: dict[int, torch.cuda.Event] = {}  # slot -> the store piece writing it
         self._loaded_from: dict[int, torch.cuda.Event] = {}  # slot -> last load reading it
-        self._gathering: list[tuple[torch.cuda.Event, frozenset[int]]] = []  # stores whose blocks may be unread
+        self._gathering = _BlockUse()  # stores that may not have read their blocks yet
+        self._scattering = _BlockUse()  # loads that may not have written their blocks yet
 
-    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         if len(block_ids) == 0:
-            return
+            return DoneFence()
         self._check(block_ids, slots, pages)
         pipe = self._store
         with torch.cuda.device(self.device):
             pipe.kernel.wait_stream(torch.cuda.current_stream(self.device))
-            for event in _pending(self._loaded_from, slots):
-                pipe.dma.wait_event(event)
+            for event in self._scattering.pending(block_ids):
+                pipe.kernel.wait_event(event)
+            start = _recorded(pipe.kernel)
             entries, pieces = self._plan(block_ids, slots, pages, pipe.kernel)
             for piece in pieces:
                 index, buffer = pipe.take()
+                piece_slots = slots[piece.first:piece.first + piece.count]
                 pipe.kernel.wait_event(pipe.free[index])
                 self._pages(entries, piece, buffer, to_staging=True, stream=pipe.kernel)
                 pipe.ready.record(pipe.kernel)
                 pipe.dma.wait_event(pipe.ready)
+                for event in _pending(self._loaded_from, piece_slots):
+                    pipe.dma.wait_event(event)
                 self._runs(piece, buffer, to_host=True, stream=pipe.dma)
                 pipe.free[index].record(pipe.dma)
-            self._gathering = [(event, blocks) for event, blocks in self._gathering if not event.query()]
-            self._gathering.append((_recorded(pipe.kernel), frozenset(block_ids.tolist())))
-            _mark(self._stored_to, slots, _recorded(pipe.dma))
+                # per piece (a piece is one chunk or less): a load of this chunk follows it on the wire
+                # while later chunks of the same store are still being copied out
+                _mark(self._stored_to, piece_slots, _recorded(pipe.dma))
+            self._gathering.add(_recorded(pipe.kernel), block_ids)
+            return _EventsFence([_recorded(pipe.dma)], start)
 
-    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         if len(block_ids) == 0:
-            return
+            return DoneFence()
         self._check(block_ids, slots, pages)
         pipe = self._load
         with torch.cuda.device(self.device):
-            compute = torch.cuda.current_stream(self.device)
-            for event in _pending(self._stored_to, slots):
-                pipe.dma.wait_event(event)
-            pipe.kernel.wait_stream(compute)
-            for event in self._unread_stores(block_ids):
+            # The blocks are fresh for this request, but the compute stream may still run a step that used
+            # them before they were freed; only the scatter into them waits for it, the DMA does not.
+            pipe.kernel.wait_stream(torch.cuda.current_stream(self.device))
+            for event in self._gathering.pending(block_ids):
                 pipe.kernel.wait_event(event)
+            start = _recorded(pipe.dma)
             entries, pieces = self._plan(block_ids, slots, pages, pipe.kernel)
             for piece in pieces:
                 index, buffer = pipe.take()
+                piece_slots = slots[piece.first:piece.first + piece.count]
                 pipe.dma.wait_event(pipe.free[index])
+                for event in _pending(self._stored_to, piece_slots):
+                    pipe.dma.wait_event(event)
                 self._runs(piece, buffer, to_host=False, stream=pipe.dma)
                 pipe.ready.record(pipe.dma)
                 pipe.kernel.wait_event(pipe.ready)
                 self._pages(entries, piece, buffer, to_staging=False, stream=pipe.kernel)
                 pipe.free[index].record(pipe.kernel)
-            _mark(self._loaded_from, slots, _recorded(pipe.dma))
-            compute.wait_stream(pipe.kernel)
+                _mark(self._loaded_from, piece_slots, _recorded(pipe.dma))
+            end = _recorded(pipe.kernel)
+            self._scattering.add(end, block_ids)
+            return _EventsFence([end], start)
 
     def fence(self) -> Fence:
         with torch.cuda.device(self.device):
@@ -283,12 +321,6 @@ class CudaCopyBackend(CopyBackend):
         self._ext.copy_runs(buffer.data_ptr(), self.pool.data_ptr(), piece.runs.data_ptr(), len(piece.runs),
                             self.kv.num_layers, self.pages_per_slot, self.kv.page_bytes, to_host,
                             stream.cuda_stream)
-
-    def _unread_stores(self, block_ids: torch.Tensor) -> list[torch.cuda.Event]:
-        """Gather-done events of in-flight stores that read any of ``block_ids`` (finished ones are dropped)."""
-        self._gathering = [(event, blocks) for event, blocks in self._gathering if not event.query()]
-        wanted = set(block_ids.tolist())
-        return [event for event, blocks in self._gathering if not blocks.isdisjoint(wanted)]
 
 
 def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:

@@ -26,7 +26,10 @@ def slot_runs(slots: torch.Tensor, pages: torch.Tensor) -> list[tuple[int, int, 
 
 
 class _CudaFence(Fence):
-    def __init__(self, event: torch.cuda.Event) -> None:
+    """The end of one copy on the side stream; ``start`` was recorded on it when the copy could begin."""
+
+    def __init__(self, start: torch.cuda.Event | None, event: torch.cuda.Event) -> None:
+        self.start = start
         self.event = event
 
     def done(self) -> bool:
@@ -35,8 +38,8 @@ class _CudaFence(Fence):
     def wait(self) -> None:
         self.event.synchronize()
 
-    def seconds_since(self, start: torch.cuda.Event) -> float | None:
-        return start.elapsed_time(self.event) / 1e3
+    def seconds(self) -> float | None:
+        return self.start.elapsed_time(self.event) / 1e3 if self.start is not None else None
 
 
 class TorchCopyBackend(CopyBackend):
@@ -49,14 +52,14 @@ class TorchCopyBackend(CopyBackend):
             self._stream = torch.cuda.Stream(device=kv.device)
             self._keepalive: list[tuple[torch.cuda.Event, object]] = []
 
-    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    def store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         if len(block_ids) == 0:
-            return
+            return DoneFence()
         if not self._cuda:
             for layer_index, layer in enumerate(self.kv.layers):
                 self.pool[slots, layer_index, pages] = layer.index_select(0, block_ids)
-            return
-        runs, ids = self._begin(block_ids, slots, pages)
+            return DoneFence()
+        start, runs, ids = self._begin(block_ids, slots, pages)
         with torch.cuda.stream(self._stream):
             for layer_index, layer in enumerate(self.kv.layers):
                 staged = layer.index_select(0, ids)
@@ -64,15 +67,16 @@ class TorchCopyBackend(CopyBackend):
                     self.pool[slot, layer_index, page:page + length].copy_(staged[first:first + length],
                                                                             non_blocking=True)
                 self._hold(staged)
+        return _CudaFence(start, self._recorded())
 
-    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
+    def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         if len(block_ids) == 0:
-            return
+            return DoneFence()
         if not self._cuda:
             for layer_index, layer in enumerate(self.kv.layers):
                 layer.index_copy_(0, block_ids, self.pool[slots, layer_index, pages])
-            return
-        runs, ids = self._begin(block_ids, slots, pages)
+            return DoneFence()
+        start, runs, ids = self._begin(block_ids, slots, pages)
         with torch.cuda.stream(self._stream):
             staged = torch.empty((len(block_ids), self.kv.page_bytes), dtype=torch.uint8, device=self.kv.device)
             for layer_index, layer in enumerate(self.kv.layers):
@@ -81,15 +85,22 @@ class TorchCopyBackend(CopyBackend):
                                                        non_blocking=True)
                 layer.index_copy_(0, ids, staged)
             self._hold(staged)
-        torch.cuda.current_stream(self.kv.device).wait_stream(self._stream)
+        return _CudaFence(start, self._recorded())
 
     def _begin(self, block_ids: torch.Tensor, slots: torch.Tensor,
-               pages: torch.Tensor) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
-        """Order the side stream after the compute stream's work; return the runs and device block ids."""
+               pages: torch.Tensor) -> tuple[torch.cuda.Event, list[tuple[int, int, int, int]], torch.Tensor]:
+        """Order the side stream after the compute stream's work; return the copy's start event, its runs and
+        device block ids. One side stream for both directions keeps every copy in issue order."""
         self._stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+        start = self._recorded()
         with torch.cuda.stream(self._stream):
             ids = block_ids.to(self.kv.device, non_blocking=True)
-        return slot_runs(slots, pages), ids
+        return start, slot_runs(slots, pages), ids
+
+    def _recorded(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self._stream)
+        return event
 
     def _hold(self, tensor: torch.Tensor) -> None:
         """Keep a staging tensor alive until the side stream is past it."""
@@ -100,8 +111,4 @@ class TorchCopyBackend(CopyBackend):
             self._keepalive.pop(0)
 
     def fence(self) -> Fence:
-        if not self._cuda:
-            return DoneFence()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(self._stream)
-        return _CudaFence(event)
+        return _CudaFence(None, self._recorded()) if self._cuda else DoneFence()

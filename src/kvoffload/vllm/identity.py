@@ -41,3 +41,9 @@ def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprin
         head_size=getattr(spec, "head_size", 0), block_size=spec.block_size, page_bytes=spec.page_size_bytes,
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
     )
+
+
+def pool_is_pinned(vllm_config: Any) -> bool:
+    """Whether the host pool is pinned (a CUDA cache): it is then pinned in the background after start, and
+    no copy can be planned before every worker reported it ready. A CPU cache needs no pinning."""
+    return vllm_config.device_config.device_type == "cuda"

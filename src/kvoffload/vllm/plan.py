@@ -57,7 +57,6 @@ class StepPlan(KVConnectorMetadata):
 @dataclass
 class WorkerReport(KVConnectorWorkerMetadata):
     stored: Counter = field(default_factory=Counter)  # key -> ranks whose store finished
-    store_failed: Counter = field(default_factory=Counter)
     loaded: Counter = field(default_factory=Counter)  # key -> ranks whose load from the slot finished
     persisted: Counter = field(default_factory=Counter)  # key -> ranks done writing it out (ok or not)
     persisted_ok: Counter = field(default_factory=Counter)
@@ -65,11 +64,11 @@ class WorkerReport(KVConnectorWorkerMetadata):
     prefetch_failed: Counter = field(default_factory=Counter)
     removed: set = field(default_factory=set)  # keys a persistent tier dropped (eviction, corruption)
     layout: str | None = None  # the worker's KV layout signature, sent once: names its persistent storage
+    copy_ready: int = 0  # ranks whose copy path became ready (host pool pinned), each sent once
 
     def aggregate(self, other: "WorkerReport") -> "WorkerReport":
         return WorkerReport(
             stored=self.stored + other.stored,
-            store_failed=self.store_failed + other.store_failed,
             loaded=self.loaded + other.loaded,
             persisted=self.persisted + other.persisted,
             persisted_ok=self.persisted_ok + other.persisted_ok,
@@ -77,8 +76,9 @@ class WorkerReport(KVConnectorWorkerMetadata):
             prefetch_failed=self.prefetch_failed + other.prefetch_failed,
             removed=self.removed | other.removed,
             layout=self.layout or other.layout,
+            copy_ready=self.copy_ready + other.copy_ready,
         )
 
     def is_empty(self) -> bool:
-        return not (self.stored or self.store_failed or self.loaded or self.persisted or self.prefetched
-                    or self.prefetch_failed or self.removed or self.layout)
+        return not (self.stored or self.loaded or self.persisted or self.prefetched or self.prefetch_failed
+                    or self.removed or self.layout or self.copy_ready)

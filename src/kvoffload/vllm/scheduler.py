@@ -5,8 +5,14 @@ provide?" from its :class:`~kvoffload.tiers.host_index.HostIndex` (and, for pref
 Redis, by starting a prefetch into the host pool and answering "ask me again"), and each step turns
 vLLM's scheduler output into a :class:`~kvoffload.vllm.plan.StepPlan` for the workers: which blocks to
 copy to which slots (stores), which slots to copy into which blocks (loads), which chunks to read from
-the persistent tiers (prefetches). Workers report back what finished; only then does a slot become
-loadable, so a hit is always on bytes that are proven present.
+the persistent tiers (prefetches).
+
+What may be promised to vLLM: a chunk in the host pool (READY), or one whose store is already in a plan
+the workers received (STORING). A planned store always runs: copies are planned only once every worker
+reported its copy path ready, and the workers order a load from a slot behind the store into it, on the
+device, chunk by chunk. A chunk read from disk or Redis (PREFETCHING) becomes loadable only once every
+worker reported it read and verified. Loads are asynchronous: vLLM keeps the request aside until the
+workers report its load finished, and runs other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from typing import Any
 
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk, slots_per_worker
-from kvoffload.tiers.host_index import HostIndex, SlotState
+from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk, pool_is_pinned, slots_per_worker
+from kvoffload.tiers.host_index import Entry, HostIndex, SlotState
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import KVOffloadStats
@@ -86,7 +92,10 @@ class OffloadScheduler:
         self._loads: list[RequestCopies] = []
         self._prefetches: list[Prefetch] = []
         self._store_ok: Counter = Counter()
-        self._store_bad: Counter = Counter()
+        # A pinned pool is pinned in the background: until every worker says its copy path is ready, nothing
+        # is planned (a planned store must run, since a load may already be queued behind it).
+        self._copy_ready = not pool_is_pinned(vllm_config)
+        self._ready_workers = 0
         self._load_done: Counter = Counter()
         self._persist_done: Counter = Counter()
         self._persist_ok: Counter = Counter()
@@ -129,15 +138,16 @@ class OffloadScheduler:
             state.waiting.clear()
         self._release(state)
 
-        hit_chunks = self._leading_ready(chain)
+        hit_chunks = self._leading_loadable(chain)
         if hit_chunks < len(chain) and self._in_flight(chain[hit_chunks]) and not state.waited:
-            # The next chunks are being stored (an identical prefix was just computed) or prefetched: their
-            # bytes arrive within milliseconds, far sooner than recomputing them, so ask vLLM to come back.
+            # The next chunks are being prefetched (for another request with the same prefix): their bytes
+            # arrive within milliseconds, far sooner than recomputing them, so ask vLLM to come back.
             state.waited = True
             state.waiting = {k for k in chain[hit_chunks:] if self._in_flight(k)}
             state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
             return None, False
-        if self.persistent is not None and state.prefetch_open and hit_chunks < len(chain):
+        if (self.persistent is not None and self._copy_ready and state.prefetch_open
+                and hit_chunks < len(chain)):
             if self._start_prefetch(state, chain, hit_chunks):
                 return None, False
             self._release(state)
@@ -159,19 +169,24 @@ class OffloadScheduler:
             self.index.pin(key)
             self.index.touch(key)
             state.pinned.append(key)
-        return need, False
+        return need, True
 
-    def _leading_ready(self, chain: list[bytes]) -> int:
+    def _loadable(self, key: bytes) -> Entry | None:
+        """The chunk's entry if a load may be planned from it: READY, or STORING (see the module docstring)."""
+        entry = self.index.get(key)
+        return entry if entry is not None and entry.state is not SlotState.PREFETCHING else None
+
+    def _leading_loadable(self, chain: list[bytes]) -> int:
         count = 0
         for key in chain:
-            if self.index.ready(key) is None:
+            if self._loadable(key) is None:
                 break
             count += 1
         return count
 
     def _in_flight(self, key: bytes) -> bool:
         entry = self.index.get(key)
-        return entry is not None and entry.state is not SlotState.READY
+        return entry is not None and entry.state is SlotState.PREFETCHING
 
     def _awaiting_persistent(self) -> bool:
         """True while the disk/remote index cannot be opened yet: the lookup must wait for it.
@@ -251,7 +266,7 @@ class OffloadScheduler:
         copies: dict[int, ChunkCopy] = {}
         for block in range(first_token // self.block_size, math.ceil(end_token / self.block_size)):
             chunk, page = divmod(block, self.pages_per_chunk)
-            entry = self.index.ready(chain[chunk])
+            entry = self._loadable(chain[chunk])
             if entry is None:  # cannot happen: pinned since the lookup; never load unproven bytes
                 raise RuntimeError(f"kvoffload: chunk {chunk} of request {request.request_id} vanished")
             copy = copies.setdefault(chunk, ChunkCopy(key=chain[chunk], slot=entry.slot, block_ids=[],
@@ -301,6 +316,8 @@ class OffloadScheduler:
         return plan
 
     def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
+        if not self._copy_ready:
+            return  # the chunks are planned on a later step, once the workers can copy (blocks permitting)
         request = state.request
         prompt = request.num_prompt_tokens
         limit = computed if self.settings.save_decode_cache else min(computed, prompt)
@@ -373,19 +390,13 @@ class OffloadScheduler:
             self.persistent = PersistentLookup(
                 self.settings, storage_fingerprint(self.fingerprint, report.layout, rank=0,
                                                    world_size=self.world_size))
-        for key in self._complete(self._store_ok, self._store_bad, report.stored, report.store_failed):
+        if report.copy_ready and not self._copy_ready:
+            self._ready_workers += report.copy_ready
+            self._copy_ready = self._ready_workers >= self.world_size
+        for key in self._complete(self._store_ok, None, report.stored, None):
             self._inflight -= 1
-            entry = self.index.get(key)
-            if key in self._store_bad:
-                self._store_bad.pop(key)
-                if entry is not None and entry.pins:
-                    self.index.unpin(key)
-                    self._inflight -= 1  # its persist will not happen
-                self.index.drop(key)
-                self.stats.add("skipped_stores", 1)
-            else:
-                self.index.mark_ready(key)
-                self.stats.add("stored_chunks", 1)
+            self.index.mark_ready(key)
+            self.stats.add("stored_chunks", 1)
         for key in self._complete(self._load_done, None, report.loaded, None):
             self.index.unpin(key)
             self.stats.add("loaded_chunks", 1)

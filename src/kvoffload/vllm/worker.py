@@ -3,13 +3,15 @@
 One instance per vLLM worker (GPU or TP rank). It owns the host pool, the copy backend and the worker
 ends of the persistent tiers. Each step it
 
-1. loads the planned chunks from host slots into vLLM blocks before the forward (``start_load_kv``),
+1. issues the planned loads from host slots into vLLM blocks, one per request, without waiting for them
+   (``start_load_kv``); vLLM keeps those requests out of the batch until their load is reported,
 2. starts reading planned prefetches from disk/remote into host slots on background threads,
 3. after the forward, issues the planned stores from vLLM blocks into host slots on a side stream
    (``wait_for_save``) without waiting for them,
-4. polls what finished and reports it (``get_finished`` / ``build_connector_worker_meta``): stored chunks
-   become loadable, stored chunks marked ``persist`` are handed to the tier writers, and a finished
-   request's blocks are released (``finished_sending``) only once every copy out of them completed.
+4. polls what finished and reports it (``get_finished`` / ``build_connector_worker_meta``): a request
+   whose load finished is handed back to vLLM (``finished_recving``), stored chunks marked ``persist``
+   are handed to the tier writers, and a finished request's blocks are released (``finished_sending``)
+   only once every copy out of them completed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
-from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
+from kvoffload.vllm.identity import pages_per_chunk, pool_is_pinned, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
@@ -45,8 +47,7 @@ class _Batch:
     fence: Fence
     copies: list[RequestCopies]
     nbytes: int
-    started: float  # perf_counter at issue
-    start_event: Any = None  # CUDA event recorded on the compute stream at issue
+    started: float  # perf_counter at issue: the time of copies whose fence cannot time them
 
 
 @dataclass
@@ -67,6 +68,7 @@ class OffloadWorker:
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
         self.rank = _tp_rank() if rank is None else rank
+        self.pinned_pool = pool_is_pinned(vllm_config)
         self.pool: HostPool | None = None
         self.backend: CopyBackend | None = None
         self.tiers: list[ChunkTier] = []
@@ -82,7 +84,7 @@ class OffloadWorker:
         # Which parts of the bound plan ran: "load"/"store" -> the plan itself. Not its id(): once vLLM drops a
         # step's plan, the next one can get the same id, and its loads, stores and prefetches were skipped.
         self._done_plans: dict[str, StepPlan] = {}
-        self._warned_not_ready = False
+        self._ready_reported = False
         self._tier_seen: dict[str, TierStats] = {}  # each tier's stats at the last take_stats
 
     # ---- setup --------------------------------------------------------------------------------------
@@ -95,10 +97,9 @@ class OffloadWorker:
         pages_per_slot = pages_per_chunk(self.settings, self.kv_cache_config)
         slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
         num_slots = slots_per_worker(self.settings, self.world_size, slot_bytes)
-        on_gpu = kv.device.type == "cuda"
-        self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=on_gpu)
+        self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=self.pinned_pool)
         self.kv = kv
-        if not on_gpu:
+        if not self.pinned_pool:
             self.backend = make_copy_backend(kv, self.pool.tensor, self.settings.copy_backend)
         first = tensors[0]
         self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
@@ -156,10 +157,8 @@ class OffloadWorker:
         if plan.slot_bytes and plan.slot_bytes != self.pool.tensor[0].numel():
             raise RuntimeError(f"kvoffload: scheduler and worker disagree on the chunk size in bytes "
                                f"({plan.slot_bytes} != {self.pool.tensor[0].numel()}); please report this")
-        if plan.loads:
-            backend = self._ready_backend()
-            assert backend is not None, "a load was planned before any store could complete"
-            self._loads.append(self._issue(plan.loads, backend.load))
+        for copies in plan.loads:  # one fence per request: each one runs as soon as its own bytes are in
+            self._loads.append(self._issue([copies], self._copy_path().load))
         for prefetch in plan.prefetches:
             assert self._prefetcher is not None
             self._prefetcher.submit(self._prefetch, prefetch.key, prefetch.slot, prefetch.num_pages)
@@ -170,21 +169,17 @@ class OffloadWorker:
         self._done_plans["store"] = plan
         if not plan.stores:
             return
-        for copies in plan.stores:
-            self._requests.setdefault(copies.req_id, _RequestStores())
-        backend = self._ready_backend()
-        if backend is None:
-            if not self._warned_not_ready:
-                logger.info("kvoffload: host pool is still being pinned; skipping stores until it is ready")
-                self._warned_not_ready = True
-            for copies in plan.stores:
-                for chunk in copies.chunks:
-                    self._report.store_failed[chunk.key] += 1
-            return
-        batch = self._issue(plan.stores, backend.store)
+        batch = self._issue(plan.stores, self._copy_path().store)
         self._stores.append(batch)
         for copies in plan.stores:
-            self._requests[copies.req_id].batches.append(batch)
+            self._requests.setdefault(copies.req_id, _RequestStores()).batches.append(batch)
+
+    def _copy_path(self) -> CopyBackend:
+        """The copy backend; the scheduler plans copies only after every worker reported it ready."""
+        backend = self._ready_backend()
+        if backend is None:
+            raise RuntimeError("kvoffload: a copy was planned before the host pool was ready; please report this")
+        return backend
 
     def _issue(self, copies: list[RequestCopies], op: Any) -> _Batch:
         block_ids, slots, pages = [], [], []
@@ -193,17 +188,11 @@ class OffloadWorker:
                 block_ids.extend(chunk.block_ids)
                 slots.extend([chunk.slot] * len(chunk.block_ids))
                 pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
-        assert self.backend is not None
-        start_event = None
-        if self.kv.device.type == "cuda":
-            start_event = torch.cuda.Event(enable_timing=True)
-            start_event.record()
         started = time.perf_counter()
-        op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
-           torch.tensor(pages, dtype=torch.int64))
+        fence = op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
+                   torch.tensor(pages, dtype=torch.int64))
         nbytes = len(block_ids) * self.kv.num_layers * self.kv.page_bytes
-        return _Batch(fence=self.backend.fence(), copies=copies, nbytes=nbytes, started=started,
-                      start_event=start_event)
+        return _Batch(fence=fence, copies=copies, nbytes=nbytes, started=started)
 
     def _prefetch(self, key: bytes, slot: int, num_pages: int) -> None:
         assert self.pool is not None
@@ -219,11 +208,13 @@ class OffloadWorker:
 
     # ---- completion ---------------------------------------------------------------------------------
 
-    def get_finished(self, finished_req_ids: set[str], plan: StepPlan | None) -> tuple[set[str] | None, None]:
+    def get_finished(self, finished_req_ids: set[str],
+                     plan: StepPlan | None) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose blocks may be freed, requests whose load finished)."""
         # On steps where vLLM ran no forward, make sure the bound plan still ran.
         self.start_load_kv(plan)
         self.wait_for_save(plan)
-        self._poll_loads()
+        loaded = self._poll_loads()
         self._poll_stores()
         self._drain_results()
         for req_id in finished_req_ids:
@@ -240,29 +231,28 @@ class OffloadWorker:
                     logger.info("Storing KV cache for %d out of %d tokens for request %s (%.1f MB, %.2f GB/s)",
                                 record.tokens, record.total_tokens, req_id, record.nbytes / 1e6,
                                 record.nbytes / record.seconds / 1e9 if record.seconds else 0.0)
-        return (done or None), None
+        return (done or None), (loaded or None)
 
-    def _seconds(self, batch: _Batch) -> float:
-        if batch.start_event is not None:
-            seconds = batch.fence.seconds_since(batch.start_event)
-            if seconds is not None:
-                return max(seconds, 1e-9)
-        return time.perf_counter() - batch.started
+    @staticmethod
+    def _seconds(batch: _Batch) -> float:
+        seconds = batch.fence.seconds()
+        return max(seconds if seconds is not None else time.perf_counter() - batch.started, 1e-9)
 
-    def _poll_loads(self) -> None:
+    def _poll_loads(self) -> set[str]:
+        """Requests whose loads finished since the last poll (loads complete in issue order)."""
+        finished: set[str] = set()
         while self._loads and self._loads[0].fence.done():
             batch = self._loads.pop(0)
             seconds = self._seconds(batch)
             self._stats.add("loaded_bytes", batch.nbytes)
             self._stats.add("load_seconds", seconds)
             for copies in batch.copies:
+                finished.add(copies.req_id)
                 for chunk in copies.chunks:
                     self._report.loaded[chunk.key] += 1
-            total_tokens = sum(c.num_tokens for c in batch.copies)
-            for copies in batch.copies:
-                share = copies.num_tokens / total_tokens if total_tokens else 0
                 logger.info("Loaded KV cache for %d tokens of request %s (%.1f MB, %.2f GB/s)", copies.num_tokens,
-                            copies.req_id, batch.nbytes * share / 1e6, batch.nbytes / seconds / 1e9 if seconds else 0)
+                            copies.req_id, batch.nbytes / 1e6, batch.nbytes / seconds / 1e9)
+        return finished
 
     def _poll_stores(self) -> None:
         assert self.pool is not None
@@ -315,6 +305,9 @@ class OffloadWorker:
 
     def build_report(self) -> WorkerReport | None:
         self._drain_results()
+        if not self._ready_reported and self._ready_backend() is not None:
+            self._report.copy_ready = 1  # from now on the scheduler may plan copies for this worker
+            self._ready_reported = True
         report, self._report = self._report, WorkerReport()
         return None if report.is_empty() else report
 
