@@ -261,9 +261,9 @@ class CudaCopyBackend(CopyBackend):
         self._check(block_ids, slots, pages)
         pipe = self._load
         with torch.cuda.device(self.device):
-            # The blocks are fresh for this request, but the compute stream may still run a step that used
-            # them before they were freed; only the scatter into them waits for it, the DMA does not.
-            pipe.kernel.wait_stream(torch.cuda.current_stream(self.device))
+            # No wait for the compute stream: vLLM hands a request blocks that no queued step uses any more
+            # (it defers frees past in-flight steps), and waiting would stall every queued load behind
+            # each forward.
             for event in self._gathering.pending(block_ids):
                 pipe.kernel.wait_event(event)
             start = _recorded(pipe.dma)

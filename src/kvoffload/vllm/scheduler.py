@@ -62,6 +62,7 @@ class _Request:
     prefetch_open: bool = True  # the persistent tiers may still be asked for the rest of the prefix
     prefetch_deadline: float = 0.0  # until when it may wait for room in the host pool to prefetch into
     present_end: int | None = None  # chunks from the first that exist on disk/remote, asked once per request
+    answer: tuple[int, int] | None = None  # (hit, need) of the last lookup, logged once vLLM admits the request
     waited: bool = False
 
 
@@ -155,11 +156,7 @@ class OffloadScheduler:
         prompt = request.num_prompt_tokens
         hit_tokens = min(hit_chunks * self.chunk_size, prompt, request.num_tokens - 1)
         need = max(hit_tokens - num_computed_tokens, 0)
-        self.stats.add("lookup_requests", 1)
-        self.stats.add("lookup_tokens", prompt)
-        self.stats.add("hit_tokens", hit_tokens)
-        logger.info("Reqid: %s, Total tokens %d, kvoffload hit tokens: %d, need to load: %d",
-                    request.request_id, request.num_tokens, hit_tokens, need)
+        state.answer = (hit_tokens, need)
         if need == 0:
             state.hit = None
             return 0, False
@@ -256,6 +253,14 @@ class OffloadScheduler:
         state = self._requests.get(request.request_id)
         if state is None:
             return
+        if state.answer is not None:  # counted here, once: vLLM asks again while it cannot admit the request
+            hit_tokens, need = state.answer
+            state.answer = None
+            self.stats.add("lookup_requests", 1)
+            self.stats.add("lookup_tokens", request.num_prompt_tokens)
+            self.stats.add("hit_tokens", hit_tokens)
+            logger.info("Reqid: %s, Total tokens %d, kvoffload hit tokens: %d, need to load: %d",
+                        request.request_id, request.num_tokens, hit_tokens, need)
         if num_external_tokens == 0 or state.hit is None:
             self._release(state)
             return

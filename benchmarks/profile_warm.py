@@ -1,0 +1,121 @@
+"""Where the time of a warm request goes: a timeline of the connector's calls around one request.
+
+Runs kvoffload with a tracing subclass of the connector (every scheduler- and worker-side call is stamped
+with ``time.perf_counter``, a system-wide monotonic clock on Linux, so the engine's process and this one
+share it), then prints, relative to the moment ``generate`` was called:
+
+* ``twice``: the second of two identical 15,000-token prompts (the warm TTFT of the issue),
+* ``seed``: the second run of the seed script (10 prompts x 10,000 tokens, all loaded).
+
+Usage (on the GPU machine): python benchmarks/profile_warm.py [--arch qwen3-8b] [--scenarios twice,seed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvoffload.vllm.connector import KVOffloadConnector
+
+
+def _stamp(event: str, detail: str = "") -> None:
+    with open(os.environ["KVO_TRACE"], "a") as trace:
+        trace.write(f"{time.perf_counter():.6f}\t{event}\t{detail}\n")
+
+
+class TracingConnector(KVOffloadConnector):
+    """The real connector, each call stamped (only calls that carry work, to keep the trace readable)."""
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        answer = super().get_num_new_matched_tokens(request, num_computed_tokens)
+        _stamp("lookup", f"{request.request_id} -> {answer}")
+        return answer
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+        _stamp("alloc", f"{request.request_id} external={num_external_tokens}")
+
+    def build_connector_meta(self, scheduler_output: Any) -> Any:
+        plan = super().build_connector_meta(scheduler_output)
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if tokens or not plan.is_empty():
+            _stamp("plan", f"tokens={tokens} loads={len(plan.loads)} stores={sum(len(s.chunks) for s in plan.stores)}")
+        return plan
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        plan = self._bound_plan()
+        super().start_load_kv(forward_context, **kwargs)
+        if plan is not None and plan.loads:
+            _stamp("loads issued", ",".join(c.req_id for c in plan.loads))
+
+    def wait_for_save(self) -> None:
+        plan = self._bound_plan()
+        super().wait_for_save()
+        if plan is not None and plan.stores:
+            _stamp("stores issued", f"{sum(len(s.chunks) for s in plan.stores)} chunks")
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = super().get_finished(finished_req_ids)
+        if sending or recving:
+            _stamp("finished", f"sending={sorted(sending or ())} recving={sorted(recving or ())}")
+        return sending, recving
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        _stamp("request finished", request.request_id)
+        return super().request_finished(request, block_ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="qwen3-8b")
+    parser.add_argument("--scenarios", default="twice,seed")
+    args = parser.parse_args()
+    here = str(Path(__file__).resolve().parent)
+    sys.path.insert(0, here)
+    os.environ["PYTHONPATH"] = here + os.pathsep + os.environ.get("PYTHONPATH", "")
+    trace = Path(tempfile.mkdtemp()) / "trace.tsv"
+    os.environ["KVO_TRACE"] = str(trace)
+
+    import torch
+    from e2e_gpu import POOL_GIB, seed_prompts, wait_until_serving, write_config
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    llm = LLM(model=write_config(args.arch), load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
+              max_model_len=16384, enable_prefix_caching=False, gpu_memory_utilization=24 / total, seed=0,
+              kv_transfer_config=KVTransferConfig(
+                  kv_connector="TracingConnector", kv_role="kv_both", kv_connector_module_path="profile_warm",
+                  kv_connector_extra_config={"max_local_cpu_size": POOL_GIB * 2**30 / 1e9}))
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def traced(name: str, prompts: list[list[int]]) -> None:
+        trace.write_text("")
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        end = time.perf_counter()
+        print(f"\n== {name}: {1e3 * (end - start):.1f} ms")
+        for line in trace.read_text().splitlines():
+            stamp, event, detail = line.split("\t")
+            print(f"{1e3 * (float(stamp) - start):8.1f} ms  {event:<16} {detail}")
+
+    llm.generate([{"prompt_token_ids": [5, 6, 7, 8] * 64}], params, use_tqdm=False)
+    wait_until_serving(llm, params)
+    scenarios = args.scenarios.split(",")
+    if "twice" in scenarios:
+        prompt = [[4000 + (i % 5000) for i in range(15_000)]]
+        traced("twice, cold", prompt)
+        traced("twice, warm", prompt)
+    if "seed" in scenarios:
+        prompts = seed_prompts()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        traced("seed, run 2", prompts)
+
+
+if __name__ == "__main__":
+    main()
