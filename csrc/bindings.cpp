@@ -32,9 +32,9 @@ void copy_pages(uint64_t layer_base, uint64_t block_stride, int32_t num_layers, 
 }
 
 void copy_runs(uint64_t staging, uint64_t pool, uint64_t runs, int64_t num_runs, int32_t num_layers,
-               int64_t pages_per_slot, int64_t page_bytes, bool to_host, uint64_t stream) {
+               int32_t run_layers, int64_t pages_per_slot, int64_t page_bytes, bool to_host, uint64_t stream) {
   check(kvo_copy_runs(ptr<char>(staging), ptr<char>(pool), ptr<const int64_t>(runs), num_runs, num_layers,
-                      pages_per_slot, page_bytes, to_host, ptr<CUstream_st>(stream)),
+                      run_layers, pages_per_slot, page_bytes, to_host, ptr<CUstream_st>(stream)),
         "kvoffload copy_runs");
 }
 
@@ -48,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("entries"), py::arg("first"), py::arg("count"), py::arg("staging"), py::arg("to_staging"),
         py::arg("vec_bytes"), py::arg("max_ctas"), py::arg("stream"));
   m.def("copy_runs", &copy_runs, "DMA staging runs to (to_host) or from the pinned pool.", py::arg("staging"),
-        py::arg("pool"), py::arg("runs"), py::arg("num_runs"), py::arg("num_layers"), py::arg("pages_per_slot"),
+        py::arg("pool"), py::arg("runs"), py::arg("num_runs"), py::arg("num_layers"), py::arg("run_layers"),
+        py::arg("pages_per_slot"),
         py::arg("page_bytes"), py::arg("to_host"), py::arg("stream"));
 }

@@ -28,10 +28,13 @@ cudaError_t kvo_copy_pages(KvoPagedCache cache, const int64_t* entries, int64_t 
 
 // Issues one DMA per run between staging (device) and a pinned pool of shape
 // (num_slots, num_layers, pages_per_slot, page_bytes). `runs` (host) holds four int64 per run: byte offset
-// in staging, slot, first page, number of pages. A run's staging bytes are laid out (num_layers, pages,
-// page_bytes), so a whole-slot run is one contiguous copy and a partial one is a 2D copy with one row per layer.
+// in staging, slot, first page, number of pages. Each run moves `run_layers` layers, starting at the layer
+// `pool` points into (the pool's base for all layers, base + l * pages_per_slot * page_bytes for layer l
+// alone). A run's staging bytes are laid out (run_layers, pages, page_bytes), so a whole-slot run of every
+// layer, or any run of one layer, is one contiguous copy; other runs are a 2D copy with one row per layer.
 cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs, int32_t num_layers,
-                          int64_t pages_per_slot, int64_t page_bytes, int to_host, cudaStream_t stream);
+                          int32_t run_layers, int64_t pages_per_slot, int64_t page_bytes, int to_host,
+                          cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -71,8 +71,8 @@ extern "C" cudaError_t kvo_copy_pages(KvoPagedCache cache, const int64_t* entrie
 }
 
 extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs,
-                                     int32_t num_layers, int64_t pages_per_slot, int64_t page_bytes, int to_host,
-                                     cudaStream_t stream) {
+                                     int32_t num_layers, int32_t run_layers, int64_t pages_per_slot,
+                                     int64_t page_bytes, int to_host, cudaStream_t stream) {
   const size_t slot_pitch = static_cast<size_t>(pages_per_slot * page_bytes);  // one layer of a pool slot
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t* run = runs + 4 * r;
@@ -80,13 +80,13 @@ extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* r
     char* host = pool + ((run[1] * num_layers) * pages_per_slot + run[2]) * page_bytes;
     const size_t width = static_cast<size_t>(run[3] * page_bytes);
     cudaError_t err;
-    if (run[3] == pages_per_slot) {  // whole slot: staging and pool hold the same (layers, pages) block
-      const size_t bytes = width * static_cast<size_t>(num_layers);
+    if (run_layers == 1 || (run[3] == pages_per_slot && run_layers == num_layers)) {  // contiguous on both sides
+      const size_t bytes = width * static_cast<size_t>(run_layers);
       err = to_host ? cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, stream)
                     : cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream);
     } else {
-      err = to_host ? cudaMemcpy2DAsync(host, slot_pitch, dev, width, width, num_layers, cudaMemcpyDeviceToHost, stream)
-                    : cudaMemcpy2DAsync(dev, width, host, slot_pitch, width, num_layers, cudaMemcpyHostToDevice, stream);
+      err = to_host ? cudaMemcpy2DAsync(host, slot_pitch, dev, width, width, run_layers, cudaMemcpyDeviceToHost, stream)
+                    : cudaMemcpy2DAsync(dev, width, host, slot_pitch, width, run_layers, cudaMemcpyHostToDevice, stream);
     }
     if (err != cudaSuccess) return err;
   }

@@ -372,3 +372,26 @@ def test_loads_follow_a_long_store_piece_by_piece(backend: str, monkeypatch: pyt
         fence.wait()
     assert torch.equal(layer_pages(cache, list(range(64, 128))).cpu(), expected)
     assert all(f.seconds() is None or f.seconds() > 0 for f in fences)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_sync_load_is_seen_by_the_compute_stream_layer_by_layer(backend: str, layerwise: bool) -> None:
+    """What the forward relies on: after ``wait_layer(l)`` (layer-wise) or at once (whole load), work queued
+    on the compute stream reads layer l's loaded pages, with no host-side wait anywhere."""
+    cache, kv = big_cache()
+    pool = make_pool(kv, slots=8, pages_per_slot=16, fill="random")
+    copier = BACKENDS[backend](kv, pool)
+    ids = torch.arange(8, 72)  # 4 whole slots
+    slots, pages = (ids - 8) // 16, (ids - 8) % 16
+    torch.cuda._sleep(20_000_000)  # a busy compute stream: nothing below may finish by accident
+    copier.load_sync(ids, slots, pages, layerwise=layerwise)
+    seen = []
+    for layer in range(kv.num_layers):
+        copier.wait_layer(layer)
+        seen.append(kv.layers[layer][ids.cuda()].clone())  # queued on the compute stream
+    copier.finish_layers()
+    for layer, pages_seen in enumerate(seen):
+        assert torch.equal(pages_seen.cpu(), pool[slots, layer, pages]), f"layer {layer}"

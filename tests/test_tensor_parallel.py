@@ -275,7 +275,7 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
     b = Request("b", PROMPT)
     for _ in range(3):  # vLLM asks again on every step it cannot admit the request (no free blocks)
         need, load_async = engine.scheduler.get_num_new_matched_tokens(b, 0)
-    assert (need, load_async) == (len(PROMPT) - 1, True)
+    assert (need, load_async) == (len(PROMPT) - 1, False), "no load in flight: it runs with b's own forward"
 
     # loads restore each rank's own shard, byte for byte, into blocks poisoned on every rank
     b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
@@ -286,8 +286,8 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
     assert hit_lines == [f"Reqid: b, Total tokens {len(PROMPT)}, kvoffload hit tokens: {need}, need to load: {need}"]
     assert engine.scheduler.stats.data["lookup_requests"] == 2
     assert engine.scheduler.stats.data["hit_tokens"] == need
-    out = engine.step()  # an async load: vLLM schedules b only once every rank reported it finished
-    assert out.finished_recving == {"b"}
+    out = engine.step(schedule_new(b, b_blocks, need, 1))  # the load and b's forward in one step
+    assert out.finished_recving is None, "a synchronous load must not be handed back to vLLM"
     for rank in range(2):
         restored, original = engine.pages(rank, b_blocks), engine.pages(rank, a_blocks)
         assert torch.equal(restored.view(torch.uint8), original.view(torch.uint8)), f"rank {rank} got wrong bytes"
@@ -309,13 +309,13 @@ def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> N
     assert all(engine.scheduler.index.get(k).state is SlotState.STORING for k in keys)
 
     b = Request("b", PROMPT)
-    need, load_async = engine.scheduler.get_num_new_matched_tokens(b, 0)
-    assert (need, load_async) == (len(PROMPT) - 1, True), "a chunk whose store was issued must be promised"
+    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
+    assert need == len(PROMPT) - 1, "a chunk whose store was issued must be promised"
     b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
     for cache in engine.caches:
         cache[:, b_blocks] = float("nan")
     engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
-    assert engine.step().finished_recving == {"b"}
+    engine.step(schedule_new(b, b_blocks, need, 1))
     for rank in range(2):
         assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
     assert all(engine.scheduler.index.get(k).state is SlotState.STORING for k in keys)
@@ -378,17 +378,24 @@ def test_reports_count_per_rank_until_world_size() -> None:
 
 
 def test_same_chunk_loaded_for_two_requests_in_one_step_releases_both_pins() -> None:
-    """Each rank reports the chunk twice (once per request): 4 reports = two completed loads at TP=2."""
+    """Each rank reports the chunk twice (once per request): 4 reports = two completed loads at TP=2.
+
+    The first request's load runs with its forward (nothing else in flight); the second, admitted while
+    that load is in flight, is asynchronous and handed back through finished_recving."""
     engine = TPEngine()
     a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
     store_prompt(engine, Request("a", PROMPT), a_blocks)
     b, c = Request("b", PROMPT), Request("c", PROMPT)
     keys = engine.keys(b)
+    answers = []
     for req, first in ((b, 20), (c, 40)):
-        need, _ = engine.scheduler.get_num_new_matched_tokens(req, 0)
-        engine.scheduler.update_state_after_alloc(req, Blocks(list(range(first, first + PROMPT_BLOCKS))), need)
+        answers.append(engine.scheduler.get_num_new_matched_tokens(req, 0))
+        engine.scheduler.update_state_after_alloc(req, Blocks(list(range(first, first + PROMPT_BLOCKS))),
+                                                  answers[-1][0])
+    assert answers == [(len(PROMPT) - 1, False), (len(PROMPT) - 1, True)]
     assert all(engine.scheduler.index.get(k).pins == 2 for k in keys)
-    assert engine.step().finished_recving == {"b", "c"}
+    out = engine.step(schedule_new(b, list(range(20, 20 + PROMPT_BLOCKS)), len(PROMPT) - 1, 1))
+    assert out.finished_recving == {"c"}
     for rank in range(2):
         assert torch.equal(engine.pages(rank, list(range(40, 40 + PROMPT_BLOCKS))), engine.pages(rank, a_blocks))
     assert [engine.scheduler.index.get(k).pins for k in keys] == [0] * len(keys), "a load's pin leaked"
@@ -442,7 +449,7 @@ def test_disk_tier_round_trip_keeps_each_rank_shard(tmp_path: Path) -> None:
     for cache in second.caches:
         cache[:, b_blocks] = float("nan")
     second.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
-    assert second.step().finished_recving == {"b"}
+    second.step(schedule_new(b, b_blocks, need, 1))
     for rank in range(2):
         assert torch.equal(second.pages(rank, b_blocks).view(torch.uint8), shards[rank].view(torch.uint8))
     second.shutdown()

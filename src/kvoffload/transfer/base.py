@@ -98,6 +98,28 @@ class CopyBackend(ABC):
     def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         """Copy ``pool[slots[i], :, pages[i]]`` into every layer of ``block_ids[i]``."""
 
+    def load_sync(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
+                  layerwise: bool) -> Fence:
+        """A load the coming forward reads: work queued on the compute stream afterwards sees it.
+
+        With ``layerwise``, a backend may instead order only layer 0 now and each later layer when the
+        forward announces it (``wait_layer``, called before the attention of the layer *before* it, so the
+        pages are in before the forward writes the new tokens' KV into the same blocks); ``finish_layers``
+        after the forward orders whatever was not announced. This default loads everything up front.
+        """
+        fence = self.load(block_ids, slots, pages)
+        self.await_on_compute()
+        return fence
+
+    def await_on_compute(self) -> None:
+        """Make the compute stream wait for every load issued so far (nothing to do for synchronous copies)."""
+
+    def wait_layer(self, layer: int) -> None:
+        """Order the compute stream after layer ``layer`` of the step's layer-wise load (if there is one)."""
+
+    def finish_layers(self) -> None:
+        """Order the compute stream after every layer of the step's layer-wise load, and forget it."""
+
     @abstractmethod
     def fence(self) -> Fence:
         """A handle on every copy issued so far."""

@@ -118,9 +118,10 @@ def plan_copy(block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
     return torch.tensor(entries, dtype=torch.int64).reshape(-1, 3), pieces
 
 
-def piece_entries(num_layers: int, page_bytes: int, pages_per_slot: int) -> int:
-    """Entries per piece: ~``PIECE_BYTES`` of pages, whole slots when a slot fits so runs stay unsplit."""
-    per = max(1, PIECE_BYTES // (num_layers * page_bytes))
+def piece_entries(num_layers: int, page_bytes: int, pages_per_slot: int, budget: int | None = None) -> int:
+    """Entries per piece: ~``budget`` (default ``PIECE_BYTES``) of pages, whole slots when a slot fits so
+    runs stay unsplit."""
+    per = max(1, (PIECE_BYTES if budget is None else budget) // (num_layers * page_bytes))
     return per - per % pages_per_slot if per >= pages_per_slot else per
 
 
@@ -220,8 +221,10 @@ class CudaCopyBackend(CopyBackend):
         self._vec = vector_bytes(bases + strides, kv.page_bytes)
         self._per_piece = piece_entries(num_layers, kv.page_bytes, self.pages_per_slot)
         piece_bytes = self._per_piece * num_layers * kv.page_bytes
+        self._per_layer_piece = piece_entries(1, kv.page_bytes, self.pages_per_slot, budget=piece_bytes)
         self._store = _Pipeline(self.device, piece_bytes)
         self._load = _Pipeline(self.device, piece_bytes)
+        self._layer_events: list[torch.cuda.Event] = []  # per layer, of the step's layer-wise load
         self._stored_to: dict[int, torch.cuda.Event] = {}  # slot -> the store piece writing it
         self._loaded_from: dict[int, torch.cuda.Event] = {}  # slot -> last load reading it
         self._gathering = _BlockUse()  # stores that may not have read their blocks yet
@@ -259,30 +262,73 @@ class CudaCopyBackend(CopyBackend):
         if len(block_ids) == 0:
             return DoneFence()
         self._check(block_ids, slots, pages)
-        pipe = self._load
         with torch.cuda.device(self.device):
             # No wait for the compute stream: vLLM hands a request blocks that no queued step uses any more
             # (it defers frees past in-flight steps), and waiting would stall every queued load behind
             # each forward.
-            for event in self._gathering.pending(block_ids):
-                pipe.kernel.wait_event(event)
-            start = _recorded(pipe.dma)
-            entries, pieces = self._plan(block_ids, slots, pages, pipe.kernel)
+            start = self._begin_load(block_ids)
+            entries, pieces = self._plan(block_ids, slots, pages, self._load.kernel)
             for piece in pieces:
-                index, buffer = pipe.take()
-                piece_slots = slots[piece.first:piece.first + piece.count]
-                pipe.dma.wait_event(pipe.free[index])
-                for event in _pending(self._stored_to, piece_slots):
-                    pipe.dma.wait_event(event)
-                self._runs(piece, buffer, to_host=False, stream=pipe.dma)
-                pipe.ready.record(pipe.dma)
-                pipe.kernel.wait_event(pipe.ready)
-                self._pages(entries, piece, buffer, to_staging=False, stream=pipe.kernel)
-                pipe.free[index].record(pipe.kernel)
-                _mark(self._loaded_from, piece_slots, _recorded(pipe.dma))
-            end = _recorded(pipe.kernel)
-            self._scattering.add(end, block_ids)
-            return _EventsFence([end], start)
+                self._load_piece(entries, piece, slots, layer=None)
+            return self._end_load(block_ids, start)
+
+    def load_sync(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
+                  layerwise: bool) -> Fence:
+        """Layer by layer (all of layer 0's pages, then layer 1's, ...), each layer's end an event that
+        ``wait_layer`` puts in the compute stream's way: the forward's layer *l* runs as soon as layer *l*
+        arrived, so the load hides behind the forward's own work (in eager mode mostly kernel launches)."""
+        if not layerwise or len(block_ids) == 0:
+            return super().load_sync(block_ids, slots, pages, layerwise)
+        self._check(block_ids, slots, pages)
+        with torch.cuda.device(self.device):
+            start = self._begin_load(block_ids)
+            entries, pieces = plan_copy(block_ids, slots, pages, 1, self.kv.page_bytes, self._per_layer_piece)
+            with torch.cuda.stream(self._load.kernel):
+                entries = entries.pin_memory().to(self.device, non_blocking=True)
+            for layer in range(self.kv.num_layers):
+                for piece in pieces:
+                    self._load_piece(entries, piece, slots, layer=layer)
+                self._layer_events.append(_recorded(self._load.kernel))
+            fence = self._end_load(block_ids, start)
+            self.wait_layer(0)  # written before the forward's first attention: see wait_layer
+            return fence
+
+    def wait_layer(self, layer: int) -> None:
+        if layer < len(self._layer_events):
+            torch.cuda.current_stream(self.device).wait_event(self._layer_events[layer])
+
+    def finish_layers(self) -> None:
+        for event in self._layer_events:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self._layer_events = []
+
+    def _begin_load(self, block_ids: torch.Tensor) -> torch.cuda.Event:
+        for event in self._gathering.pending(block_ids):
+            self._load.kernel.wait_event(event)
+        return _recorded(self._load.dma)
+
+    def _load_piece(self, entries: torch.Tensor, piece: Piece, slots: torch.Tensor, layer: int | None) -> None:
+        """DMA one piece into staging, then scatter it: every layer of its pages, or only ``layer``."""
+        pipe = self._load
+        index, buffer = pipe.take()
+        piece_slots = slots[piece.first:piece.first + piece.count]
+        pipe.dma.wait_event(pipe.free[index])
+        for event in _pending(self._stored_to, piece_slots):
+            pipe.dma.wait_event(event)
+        self._runs(piece, buffer, to_host=False, stream=pipe.dma, layer=layer)
+        pipe.ready.record(pipe.dma)
+        pipe.kernel.wait_event(pipe.ready)
+        self._pages(entries, piece, buffer, to_staging=False, stream=pipe.kernel, layer=layer)
+        pipe.free[index].record(pipe.kernel)
+        _mark(self._loaded_from, piece_slots, _recorded(pipe.dma))
+
+    def _end_load(self, block_ids: torch.Tensor, start: torch.cuda.Event) -> Fence:
+        end = _recorded(self._load.kernel)
+        self._scattering.add(end, block_ids)
+        return _EventsFence([end], start)
+
+    def await_on_compute(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self._load.kernel)
 
     def fence(self) -> Fence:
         with torch.cuda.device(self.device):
@@ -312,15 +358,21 @@ class CudaCopyBackend(CopyBackend):
             return entries.pin_memory().to(self.device, non_blocking=True), pieces
 
     def _pages(self, entries: torch.Tensor, piece: Piece, buffer: torch.Tensor, to_staging: bool,
-               stream: torch.cuda.Stream) -> None:
-        self._ext.copy_pages(self._table[0].data_ptr(), self._table[1].data_ptr(), self.kv.num_layers,
-                             self.kv.page_bytes, entries.data_ptr(), piece.first, piece.count, buffer.data_ptr(),
-                             to_staging, self._vec, MAX_CTAS, stream.cuda_stream)
+               stream: torch.cuda.Stream, layer: int | None = None) -> None:
+        """Gather/scatter every layer of a piece's pages, or (``layer``) that layer's row of the table only."""
+        skip = 0 if layer is None else 8 * layer  # bytes into each int64 row of the (bases, strides) table
+        self._ext.copy_pages(self._table[0].data_ptr() + skip, self._table[1].data_ptr() + skip,
+                             self.kv.num_layers if layer is None else 1, self.kv.page_bytes, entries.data_ptr(),
+                             piece.first, piece.count, buffer.data_ptr(), to_staging, self._vec, MAX_CTAS,
+                             stream.cuda_stream)
 
-    def _runs(self, piece: Piece, buffer: torch.Tensor, to_host: bool, stream: torch.cuda.Stream) -> None:
-        self._ext.copy_runs(buffer.data_ptr(), self.pool.data_ptr(), piece.runs.data_ptr(), len(piece.runs),
-                            self.kv.num_layers, self.pages_per_slot, self.kv.page_bytes, to_host,
-                            stream.cuda_stream)
+    def _runs(self, piece: Piece, buffer: torch.Tensor, to_host: bool, stream: torch.cuda.Stream,
+              layer: int | None = None) -> None:
+        """DMA a piece's runs, every layer or (``layer``) one: the pool pointer then starts at that layer."""
+        skip = 0 if layer is None else layer * self.pages_per_slot * self.kv.page_bytes
+        self._ext.copy_runs(buffer.data_ptr(), self.pool.data_ptr() + skip, piece.runs.data_ptr(), len(piece.runs),
+                            self.kv.num_layers, self.kv.num_layers if layer is None else 1, self.pages_per_slot,
+                            self.kv.page_bytes, to_host, stream.cuda_stream)
 
 
 def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:

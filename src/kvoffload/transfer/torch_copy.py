@@ -87,6 +87,10 @@ class TorchCopyBackend(CopyBackend):
             self._hold(staged)
         return _CudaFence(start, self._recorded())
 
+    def await_on_compute(self) -> None:
+        if self._cuda:
+            torch.cuda.current_stream(self.kv.device).wait_stream(self._stream)
+
     def _begin(self, block_ids: torch.Tensor, slots: torch.Tensor,
                pages: torch.Tensor) -> tuple[torch.cuda.Event, list[tuple[int, int, int, int]], torch.Tensor]:
         """Order the side stream after the compute stream's work; return the copy's start event, its runs and

@@ -31,6 +31,7 @@ class RequestCopies:
     chunks: list[ChunkCopy]
     num_tokens: int  # tokens these copies cover
     total_tokens: int  # tokens of the request, for the log line
+    sync: bool = False  # a load this step's forward reads (else vLLM waits for finished_recving)
 
 
 @dataclass

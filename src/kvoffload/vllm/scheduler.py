@@ -11,8 +11,13 @@ What may be promised to vLLM: a chunk in the host pool (READY), or one whose sto
 the workers received (STORING). A planned store always runs: copies are planned only once every worker
 reported its copy path ready, and the workers order a load from a slot behind the store into it, on the
 device, chunk by chunk. A chunk read from disk or Redis (PREFETCHING) becomes loadable only once every
-worker reported it read and verified. Loads are asynchronous: vLLM keeps the request aside until the
-workers report its load finished, and runs other requests meanwhile.
+worker reported it read and verified.
+
+How a load runs: when no other load is in flight, synchronously, in the step that also runs the
+request's forward, layer by layer (the forward's layer *l* waits only for layer *l*), so the load hides
+behind the forward. When loads are already in flight, asynchronously: vLLM keeps the request aside until
+the workers report its load finished and runs the other requests meanwhile, so no forward ever waits
+behind a queue of loads.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class _Request:
     prefetch_deadline: float = 0.0  # until when it may wait for room in the host pool to prefetch into
     present_end: int | None = None  # chunks from the first that exist on disk/remote, asked once per request
     answer: tuple[int, int] | None = None  # (hit, need) of the last lookup, logged once vLLM admits the request
+    load_async: bool = False  # how the promised load runs (see the module docstring)
     waited: bool = False
 
 
@@ -98,6 +104,7 @@ class OffloadScheduler:
         self._copy_ready = not pool_is_pinned(vllm_config)
         self._ready_workers = 0
         self._load_done: Counter = Counter()
+        self._loading = 0  # chunk loads planned and not yet reported done by every worker
         self._persist_done: Counter = Counter()
         self._persist_ok: Counter = Counter()
         self._prefetch_ok: Counter = Counter()
@@ -161,12 +168,13 @@ class OffloadScheduler:
             state.hit = None
             return 0, False
         state.hit = (num_computed_tokens, hit_tokens)
+        state.load_async = self._loading > 0
         first, last = num_computed_tokens // self.chunk_size, math.ceil(hit_tokens / self.chunk_size)
         for key in chain[first:last]:  # hold them until the workers copied them out
             self.index.pin(key)
             self.index.touch(key)
             state.pinned.append(key)
-        return need, True
+        return need, state.load_async
 
     def _loadable(self, key: bytes) -> Entry | None:
         """The chunk's entry if a load may be planned from it: READY, or STORING (see the module docstring)."""
@@ -278,7 +286,9 @@ class OffloadScheduler:
                                                       first_page=page, num_pages=entry.num_pages))
             copy.block_ids.append(block_ids[block])
         self._loads.append(RequestCopies(req_id=request.request_id, chunks=list(copies.values()),
-                                         num_tokens=end_token - first_token, total_tokens=request.num_tokens))
+                                         num_tokens=end_token - first_token, total_tokens=request.num_tokens,
+                                         sync=not state.load_async))
+        self._loading += len(copies)
         state.pinned = []  # the load owns the pins now; released when every worker reports it loaded
 
     def _release(self, state: _Request) -> None:
@@ -403,6 +413,7 @@ class OffloadScheduler:
             self.index.mark_ready(key)
             self.stats.add("stored_chunks", 1)
         for key in self._complete(self._load_done, None, report.loaded, None):
+            self._loading -= 1
             self.index.unpin(key)
             self.stats.add("loaded_chunks", 1)
         self._persist_ok.update(report.persisted_ok)

@@ -17,6 +17,7 @@ ends of the persistent tiers. Each step it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import time
@@ -48,6 +49,7 @@ class _Batch:
     copies: list[RequestCopies]
     nbytes: int
     started: float  # perf_counter at issue: the time of copies whose fence cannot time them
+    sync: bool = False  # a load the step's forward waits for (not handed back through finished_recving)
 
 
 @dataclass
@@ -85,12 +87,19 @@ class OffloadWorker:
         # step's plan, the next one can get the same id, and its loads, stores and prefetches were skipped.
         self._done_plans: dict[str, StepPlan] = {}
         self._ready_reported = False
+        # Layer-wise loads need the forward to announce each layer (wait_for_layer_load); they are used only
+        # once a forward was seen announcing every layer of the cache, so a model that does not is never
+        # run on a layer that is not in yet.
+        self._layer_index: dict[str, int] = {}
+        self._layers_announced: set[str] = set()
+        self._layerwise = False
         self._tier_seen: dict[str, TierStats] = {}  # each tier's stats at the last take_stats
 
     # ---- setup --------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], model_fingerprint: ModelFingerprint) -> None:
         tensors = list(kv_caches.values())
+        self._layer_index = {name: index for index, name in enumerate(kv_caches)}
         if any(not isinstance(t, torch.Tensor) for t in tensors):
             raise ValueError("kvoffload: this model has state caches (Mamba/linear attention); not supported")
         kv = paged_kv(tensors, self.kv_cache_config.num_blocks)
@@ -157,13 +166,35 @@ class OffloadWorker:
         if plan.slot_bytes and plan.slot_bytes != self.pool.tensor[0].numel():
             raise RuntimeError(f"kvoffload: scheduler and worker disagree on the chunk size in bytes "
                                f"({plan.slot_bytes} != {self.pool.tensor[0].numel()}); please report this")
+        sync = [copies for copies in plan.loads if copies.sync]
+        if sync:  # first, so that the forward waiting for them never waits behind an asynchronous load
+            backend = self._copy_path()
+            batch = self._issue(sync, functools.partial(backend.load_sync, layerwise=self._layerwise))
+            batch.sync = True
+            self._loads.append(batch)
         for copies in plan.loads:  # one fence per request: each one runs as soon as its own bytes are in
-            self._loads.append(self._issue([copies], self._copy_path().load))
+            if not copies.sync:
+                self._loads.append(self._issue([copies], self._copy_path().load))
         for prefetch in plan.prefetches:
             assert self._prefetcher is not None
             self._prefetcher.submit(self._prefetch, prefetch.key, prefetch.slot, prefetch.num_pages)
 
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Called by the forward before each layer's attention: order the *next* layer's load before it, so
+        the next layer's pages are in before the forward writes the new tokens' KV into the same blocks."""
+        index = self._layer_index.get(layer_name)
+        if index is None:
+            return
+        self._layers_announced.add(layer_name)
+        if self.backend is not None:
+            self.backend.wait_layer(index + 1)
+
     def wait_for_save(self, plan: StepPlan | None) -> None:
+        if self.backend is not None:  # the forward is over: nothing after it may see a layer not yet in
+            self.backend.finish_layers()
+        if not self._layerwise and self._layer_index and len(self._layers_announced) == len(self._layer_index):
+            self._layerwise = True
+            logger.debug("kvoffload: the forward announces every layer; loads now overlap it layer by layer")
         if not isinstance(plan, StepPlan) or self._done_plans.get("store") is plan:
             return
         self._done_plans["store"] = plan
@@ -247,11 +278,15 @@ class OffloadWorker:
             self._stats.add("loaded_bytes", batch.nbytes)
             self._stats.add("load_seconds", seconds)
             for copies in batch.copies:
-                finished.add(copies.req_id)
+                if not batch.sync:
+                    finished.add(copies.req_id)
                 for chunk in copies.chunks:
                     self._report.loaded[chunk.key] += 1
+            total_tokens = sum(c.num_tokens for c in batch.copies)
+            for copies in batch.copies:
+                share = copies.num_tokens / total_tokens if total_tokens else 0
                 logger.info("Loaded KV cache for %d tokens of request %s (%.1f MB, %.2f GB/s)", copies.num_tokens,
-                            copies.req_id, batch.nbytes / 1e6, batch.nbytes / seconds / 1e9)
+                            copies.req_id, batch.nbytes * share / 1e6, batch.nbytes / seconds / 1e9)
         return finished
 
     def _poll_stores(self) -> None:
