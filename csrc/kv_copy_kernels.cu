@@ -3,6 +3,8 @@
 // the layout is reduced by the Python side to a per-layer base address and block stride.
 #include "kv_copy.h"
 
+#include <vector>
+
 namespace {
 
 constexpr int kThreads = 512;
@@ -70,10 +72,46 @@ extern "C" cudaError_t kvo_copy_pages(KvoPagedCache cache, const int64_t* entrie
   }
 }
 
+#if CUDART_VERSION >= 12080
+// Many contiguous runs in one call: each cudaMemcpyAsync costs microseconds of CPU, which for a layer-wise
+// load (runs x layers calls, all issued before the forward can start) would add up to tens of milliseconds.
+static cudaError_t copy_contiguous_batch(char* staging, char* pool, const int64_t* runs, int64_t num_runs,
+                                         int32_t num_layers, int32_t run_layers, int64_t pages_per_slot,
+                                         int64_t page_bytes, int to_host, cudaStream_t stream) {
+  std::vector<void*> dsts(num_runs), srcs(num_runs);
+  std::vector<size_t> sizes(num_runs);
+  for (int64_t r = 0; r < num_runs; ++r) {
+    const int64_t* run = runs + 4 * r;
+    char* dev = staging + run[0];
+    char* host = pool + ((run[1] * num_layers) * pages_per_slot + run[2]) * page_bytes;
+    dsts[r] = to_host ? static_cast<void*>(host) : static_cast<void*>(dev);
+    srcs[r] = to_host ? static_cast<void*>(dev) : static_cast<void*>(host);
+    sizes[r] = static_cast<size_t>(run[3] * page_bytes) * static_cast<size_t>(run_layers);
+  }
+  cudaMemcpyAttributes attrs = {};
+  attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  size_t attrs_index = 0;
+#if CUDART_VERSION >= 13000
+  return cudaMemcpyBatchAsync(const_cast<const void**>(dsts.data()), const_cast<const void**>(srcs.data()),
+                              sizes.data(), num_runs, &attrs, &attrs_index, 1, stream);
+#else
+  size_t fail_index = 0;
+  return cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), num_runs, &attrs, &attrs_index, 1,
+                              &fail_index, stream);
+#endif
+}
+#endif
+
 extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs,
                                      int32_t num_layers, int32_t run_layers, int64_t pages_per_slot,
                                      int64_t page_bytes, int to_host, cudaStream_t stream) {
   const size_t slot_pitch = static_cast<size_t>(pages_per_slot * page_bytes);  // one layer of a pool slot
+#if CUDART_VERSION >= 12080
+  if (run_layers == 1 && num_runs > 1) {
+    return copy_contiguous_batch(staging, pool, runs, num_runs, num_layers, run_layers, pages_per_slot,
+                                 page_bytes, to_host, stream);
+  }
+#endif
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t* run = runs + 4 * r;
     char* dev = staging + run[0];

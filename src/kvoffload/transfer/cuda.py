@@ -221,9 +221,10 @@ class CudaCopyBackend(CopyBackend):
         self._vec = vector_bytes(bases + strides, kv.page_bytes)
         self._per_piece = piece_entries(num_layers, kv.page_bytes, self.pages_per_slot)
         piece_bytes = self._per_piece * num_layers * kv.page_bytes
-        self._per_layer_piece = piece_entries(1, kv.page_bytes, self.pages_per_slot, budget=piece_bytes)
+        # a layer-wise load moves one layer of a request per piece: up to PIECE_BYTES (~16k tokens of 8B)
+        self._per_layer_piece = piece_entries(1, kv.page_bytes, self.pages_per_slot)
         self._store = _Pipeline(self.device, piece_bytes)
-        self._load = _Pipeline(self.device, piece_bytes)
+        self._load = _Pipeline(self.device, max(piece_bytes, self._per_layer_piece * kv.page_bytes))
         self._layer_events: list[torch.cuda.Event] = []  # per layer, of the step's layer-wise load
         self._stored_to: dict[int, torch.cuda.Event] = {}  # slot -> the store piece writing it
         self._loaded_from: dict[int, torch.cuda.Event] = {}  # slot -> last load reading it
@@ -269,26 +270,32 @@ class CudaCopyBackend(CopyBackend):
             start = self._begin_load(block_ids)
             entries, pieces = self._plan(block_ids, slots, pages, self._load.kernel)
             for piece in pieces:
-                self._load_piece(entries, piece, slots, layer=None)
+                self._load_piece(entries, piece, slots=slots)
             return self._end_load(block_ids, start)
 
     def load_sync(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
                   layerwise: bool) -> Fence:
         """Layer by layer (all of layer 0's pages, then layer 1's, ...), each layer's end an event that
         ``wait_layer`` puts in the compute stream's way: the forward's layer *l* runs as soon as layer *l*
-        arrived, so the load hides behind the forward's own work (in eager mode mostly kernel launches)."""
+        arrived, so the load hides behind the forward's own work (in eager mode mostly kernel launches).
+        A layer of a request crosses PCIe as one batched DMA of its 1 MiB-ish runs."""
         if not layerwise or len(block_ids) == 0:
             return super().load_sync(block_ids, slots, pages, layerwise)
         self._check(block_ids, slots, pages)
+        pipe = self._load
         with torch.cuda.device(self.device):
             start = self._begin_load(block_ids)
+            for event in _pending(self._stored_to, slots):  # every layer reads every slot
+                pipe.dma.wait_event(event)
             entries, pieces = plan_copy(block_ids, slots, pages, 1, self.kv.page_bytes, self._per_layer_piece)
-            with torch.cuda.stream(self._load.kernel):
+            with torch.cuda.stream(pipe.kernel):
                 entries = entries.pin_memory().to(self.device, non_blocking=True)
+            self._layer_events = []
             for layer in range(self.kv.num_layers):
                 for piece in pieces:
-                    self._load_piece(entries, piece, slots, layer=layer)
-                self._layer_events.append(_recorded(self._load.kernel))
+                    self._load_piece(entries, piece, layer=layer)
+                self._layer_events.append(_recorded(pipe.kernel))
+            _mark(self._loaded_from, slots, _recorded(pipe.dma))
             fence = self._end_load(block_ids, start)
             self.wait_layer(0)  # written before the forward's first attention: see wait_layer
             return fence
@@ -307,20 +314,26 @@ class CudaCopyBackend(CopyBackend):
             self._load.kernel.wait_event(event)
         return _recorded(self._load.dma)
 
-    def _load_piece(self, entries: torch.Tensor, piece: Piece, slots: torch.Tensor, layer: int | None) -> None:
-        """DMA one piece into staging, then scatter it: every layer of its pages, or only ``layer``."""
+    def _load_piece(self, entries: torch.Tensor, piece: Piece, layer: int | None = None,
+                    slots: torch.Tensor | None = None) -> None:
+        """DMA one piece into staging, then scatter it: every layer of its pages, or only ``layer``.
+
+        With ``slots`` (the whole copy list's), the DMA first waits for the stores writing the piece's slots
+        and the piece is marked as reading them; a layer-wise load does both once for all its pieces."""
         pipe = self._load
         index, buffer = pipe.take()
-        piece_slots = slots[piece.first:piece.first + piece.count]
         pipe.dma.wait_event(pipe.free[index])
-        for event in _pending(self._stored_to, piece_slots):
-            pipe.dma.wait_event(event)
+        piece_slots = slots[piece.first:piece.first + piece.count] if slots is not None else None
+        if piece_slots is not None:
+            for event in _pending(self._stored_to, piece_slots):
+                pipe.dma.wait_event(event)
         self._runs(piece, buffer, to_host=False, stream=pipe.dma, layer=layer)
         pipe.ready.record(pipe.dma)
         pipe.kernel.wait_event(pipe.ready)
         self._pages(entries, piece, buffer, to_staging=False, stream=pipe.kernel, layer=layer)
         pipe.free[index].record(pipe.kernel)
-        _mark(self._loaded_from, piece_slots, _recorded(pipe.dma))
+        if piece_slots is not None:
+            _mark(self._loaded_from, piece_slots, _recorded(pipe.dma))
 
     def _end_load(self, block_ids: torch.Tensor, start: torch.cuda.Event) -> Fence:
         end = _recorded(self._load.kernel)
