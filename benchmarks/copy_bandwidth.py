@@ -5,6 +5,7 @@ tokens, random non-contiguous block ids in a large cache laid out like vLLM 0.32
 measures, in one run, store (GPU->host) and load (host->GPU) GB/s of:
 
 * ``kernel``: :class:`CudaCopyBackend` (gather kernel + pipelined DMA),
+* ``layer-wise`` (loads only): the same backend's layer-by-layer load, the one that runs beside a forward,
 * ``torch``: :class:`TorchCopyBackend`,
 * ``per-page``: one driver memcpy per page per layer (what a naive connector does),
 * ``bulk``: one pinned memcpy of the same number of bytes (the line-rate ceiling),
@@ -64,6 +65,14 @@ def timed(fn: Callable[[], None], reps: int) -> float:
 def backend_call(backend: CopyBackend, direction: str, ids: torch.Tensor) -> Callable[[], None]:
     def call() -> None:
         getattr(backend, direction)(*copy_list(ids))
+        backend.fence().wait()
+    return call
+
+
+def layerwise_call(backend: CopyBackend, ids: torch.Tensor) -> Callable[[], None]:
+    def call() -> None:
+        backend.load_sync(*copy_list(ids), layerwise=True)
+        backend.finish_layers()
         backend.fence().wait()
     return call
 
@@ -161,6 +170,8 @@ def bench_model(name: str, layers: int) -> dict:
     for direction, ids in (("store", store_ids), ("load", load_ids)):
         calls = {"kernel": backend_call(kernel, direction, ids), "torch": backend_call(torch_path, direction, ids),
                  "per-page": per_page.call(direction, ids), "bulk": bulk_call(pool, device_buffer, direction)}
+        if direction == "load":
+            calls["layer-wise"] = layerwise_call(kernel, ids)
         result["gbps"][direction] = {}
         for method, call in calls.items():
             seconds = timed(call, reps=2 if method == "per-page" else REPS)
@@ -194,12 +205,14 @@ def bench_model(name: str, layers: int) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | direction | kernel GB/s | torch GB/s | per-page GB/s | bulk GB/s | kernel/bulk | verified |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | direction | kernel GB/s | layer-wise GB/s | torch GB/s | per-page GB/s | bulk GB/s | "
+             "kernel/bulk | verified |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for direction, g in r["gbps"].items():
-            lines.append(f"| {r['model']} | {direction} | {g['kernel']:.1f} | {g['torch']:.1f} | {g['per-page']:.1f} "
-                         f"| {g['bulk']:.1f} | {g['kernel'] / g['bulk']:.1%} | {r['verified'][direction]} |")
+            layerwise = f"{g['layer-wise']:.1f}" if "layer-wise" in g else "-"
+            lines.append(f"| {r['model']} | {direction} | {g['kernel']:.1f} | {layerwise} | {g['torch']:.1f} | "
+                         f"{g['per-page']:.1f} | {g['bulk']:.1f} | {g['kernel'] / g['bulk']:.1%} | "
+                         f"{r['verified'][direction]} |")
     lines += ["", f"GEMM {'x'.join(map(str, GEMM))} bf16, ms per GEMM (slowdown vs alone) while stores run at full rate:",
               "", "| model | alone | + kernel store | + torch store | + bulk DMA |", "|---|---|---|---|---|"]
     for r in results:

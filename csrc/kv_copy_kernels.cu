@@ -102,16 +102,11 @@ static cudaError_t copy_contiguous_batch(char* staging, char* pool, const int64_
 }
 #endif
 
-extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs,
-                                     int32_t num_layers, int32_t run_layers, int64_t pages_per_slot,
-                                     int64_t page_bytes, int to_host, cudaStream_t stream) {
+// One DMA per run (a 2D copy with a row per layer when the run's layers are not contiguous in the pool).
+static cudaError_t copy_each(char* staging, char* pool, const int64_t* runs, int64_t num_runs, int32_t num_layers,
+                             int32_t run_layers, int64_t pages_per_slot, int64_t page_bytes, int to_host,
+                             cudaStream_t stream) {
   const size_t slot_pitch = static_cast<size_t>(pages_per_slot * page_bytes);  // one layer of a pool slot
-#if CUDART_VERSION >= 12080
-  if (run_layers == 1 && num_runs > 1) {
-    return copy_contiguous_batch(staging, pool, runs, num_runs, num_layers, run_layers, pages_per_slot,
-                                 page_bytes, to_host, stream);
-  }
-#endif
   for (int64_t r = 0; r < num_runs; ++r) {
     const int64_t* run = runs + 4 * r;
     char* dev = staging + run[0];
@@ -129,4 +124,51 @@ extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* r
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_t num_runs,
+                                     int32_t num_layers, int32_t run_layers, int64_t pages_per_slot,
+                                     int64_t page_bytes, int to_host, cudaStream_t stream) {
+  if (run_layers != 1 || num_runs < 2) {
+    return copy_each(staging, pool, runs, num_runs, num_layers, run_layers, pages_per_slot, page_bytes, to_host,
+                     stream);
+  }
+  // One layer of many slots (a layer-wise load). Slots handed out one after another are consecutive in the
+  // pool, so that layer's rows of them are equally spaced: one 2D copy moves a whole group at line rate.
+  const size_t slot_bytes = static_cast<size_t>(pages_per_slot * page_bytes) * static_cast<size_t>(num_layers);
+  std::vector<int64_t> rest;  // runs in no group
+  int64_t first = 0;
+  while (first < num_runs) {
+    const int64_t* head = runs + 4 * first;
+    int64_t last = first;
+    while (last + 1 < num_runs) {
+      const int64_t* prev = runs + 4 * last;
+      const int64_t* next = runs + 4 * (last + 1);
+      if (next[1] != prev[1] + 1 || next[2] != head[2] || next[3] != head[3] ||
+          next[0] != prev[0] + head[3] * page_bytes) break;
+      ++last;
+    }
+    if (last > first) {
+      char* dev = staging + head[0];
+      char* host = pool + ((head[1] * num_layers) * pages_per_slot + head[2]) * page_bytes;
+      const size_t width = static_cast<size_t>(head[3] * page_bytes);
+      const size_t rows = static_cast<size_t>(last - first + 1);
+      const cudaError_t err =
+          to_host ? cudaMemcpy2DAsync(host, slot_bytes, dev, width, width, rows, cudaMemcpyDeviceToHost, stream)
+                  : cudaMemcpy2DAsync(dev, width, host, slot_bytes, width, rows, cudaMemcpyHostToDevice, stream);
+      if (err != cudaSuccess) return err;
+    } else {
+      rest.insert(rest.end(), head, head + 4);
+    }
+    first = last + 1;
+  }
+  const int64_t left = static_cast<int64_t>(rest.size() / 4);
+#if CUDART_VERSION >= 12080
+  if (left > 1) {
+    return copy_contiguous_batch(staging, pool, rest.data(), left, num_layers, run_layers, pages_per_slot,
+                                 page_bytes, to_host, stream);
+  }
+#endif
+  return copy_each(staging, pool, rest.data(), left, num_layers, run_layers, pages_per_slot, page_bytes, to_host,
+                   stream);
 }

@@ -378,14 +378,21 @@ def test_loads_follow_a_long_store_piece_by_piece(backend: str, monkeypatch: pyt
 @gpu
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("layerwise", [True, False])
-def test_sync_load_is_seen_by_the_compute_stream_layer_by_layer(backend: str, layerwise: bool) -> None:
+@pytest.mark.parametrize("slot_order", ["consecutive", "scattered", "partial"])
+def test_sync_load_is_seen_by_the_compute_stream_layer_by_layer(backend: str, layerwise: bool,
+                                                                slot_order: str) -> None:
     """What the forward relies on: after ``wait_layer(l)`` (layer-wise) or at once (whole load), work queued
-    on the compute stream reads layer l's loaded pages, with no host-side wait anywhere."""
+    on the compute stream reads layer l's loaded pages, with no host-side wait anywhere. Consecutive slots
+    take one 2D DMA per layer, scattered ones a batched DMA, partial chunks per-run DMAs."""
     cache, kv = big_cache()
     pool = make_pool(kv, slots=8, pages_per_slot=16, fill="random")
     copier = BACKENDS[backend](kv, pool)
     ids = torch.arange(8, 72)  # 4 whole slots
     slots, pages = (ids - 8) // 16, (ids - 8) % 16
+    if slot_order == "scattered":
+        slots = torch.tensor([6, 1, 4, 2]).repeat_interleave(16)
+    elif slot_order == "partial":
+        ids, slots, pages = ids[4:60], slots[4:60] * 2, pages[4:60]  # runs starting and ending mid-slot
     torch.cuda._sleep(20_000_000)  # a busy compute stream: nothing below may finish by accident
     copier.load_sync(ids, slots, pages, layerwise=layerwise)
     seen = []

@@ -194,7 +194,8 @@ class OffloadWorker:
             self.backend.finish_layers()
         if not self._layerwise and self._layer_index and len(self._layers_announced) == len(self._layer_index):
             self._layerwise = True
-            logger.debug("kvoffload: the forward announces every layer; loads now overlap it layer by layer")
+            logger.info("kvoffload: the forward announces every layer: a load with nothing queued before it now "
+                        "runs beside its request's forward, layer by layer")
         if not isinstance(plan, StepPlan) or self._done_plans.get("store") is plan:
             return
         self._done_plans["store"] = plan
