@@ -14,6 +14,9 @@ Scenarios
          (TTFT p50/p95 of the questions, requests/s)
 
 Usage (on the GPU machine): python benchmarks/e2e_gpu.py --out results.json [--modes none,native,kvoffload]
+
+A run longer than one sitting can be split by ``--modes``/``--scenarios`` and the parts joined, on any
+machine: python benchmarks/e2e_gpu.py --merge part1.json part2.json --out results.json
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ ARCHS = {
                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          torch_dtype="bfloat16", hidden_act="silu", bos_token_id=128000, eos_token_id=128001),
 }
+SCENARIOS = ("seed", "twice", "chat", "docqa")
 POOL_GIB = 15.0  # the same host memory for vLLM native (GiB) and kvoffload (converted to GB)
 
 
@@ -108,14 +112,14 @@ def run_mode(mode: str, arch: str, scenarios: list[str]) -> dict:
                 tokens.append(out)
         result["chat"] = summary(ttfts, time.perf_counter() - start, tokens)
     if "docqa" in scenarios:
-        docs = [[100_000 + 8000 * d + i for i in range(8000)] for d in range(6)]
+        docs = [[70_000 + 8000 * d + i for i in range(8000)] for d in range(6)]
         for doc in docs:
             timed([doc])
         ttfts, tokens = [], []
         start = time.perf_counter()
         for q in range(3):
             for d, doc in enumerate(docs):
-                seconds, out = timed([doc + [150_000 + 64 * (3 * d + q) + i for i in range(64)]])
+                seconds, out = timed([doc + [120_000 + 64 * (3 * d + q) + i for i in range(64)]])
                 ttfts.append(seconds)
                 tokens.append(out)
         result["docqa"] = summary(ttfts, time.perf_counter() - start, tokens)
@@ -151,10 +155,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="none,native,kvoffload")
     parser.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHS))
-    parser.add_argument("--scenarios", default="seed,twice,chat,docqa")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--out", default="e2e_gpu.json")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join result files of one arch instead of running")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.merge:
+        meta, results = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        write(args.out, meta, results)
+        return
     scenarios = args.scenarios.split(",")
     if args.child:
         print("RESULT " + json.dumps(run_mode(args.child, args.arch, scenarios)), flush=True)
@@ -178,24 +187,48 @@ def main() -> None:
         meta.update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, vllm=vllm.__version__)
     except Exception:
         pass
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    write(args.out, meta, results)
+
+
+def merge(parts: list[dict]) -> tuple[dict, list[dict]]:
+    """Join runs split by mode or scenario: each mode's scenarios are gathered; engine start figures are
+    those of the first part that ran the mode (a later engine of the same mode starts warmer)."""
+    if len({part["meta"].get("arch") for part in parts}) != 1:
+        raise SystemExit("--merge: the files are not all of one architecture")
+    by_mode: dict[str, dict] = {}
+    for part in parts:
+        for result in part["results"]:
+            merged = by_mode.setdefault(result["mode"], {})
+            for key, value in result.items():
+                merged.setdefault(key, value)
+    return parts[0]["meta"], list(by_mode.values())
+
+
+def identical_to_none(results: list[dict]) -> dict[str, bool]:
+    """For each offloading mode: are its greedy token ids those of no offloading in every shared scenario?"""
+    base = {r["mode"]: r for r in results}.get("none")
+    if base is None:
+        return {}
+    return {r["mode"]: all(r[s]["tokens"] == base[s]["tokens"] for s in SCENARIOS if s in r and s in base)
+            for r in results if r is not base}
+
+
+def write(out: str, meta: dict, results: list[dict]) -> None:
+    Path(out).write_text(json.dumps({"meta": meta, "results": results,
+                                     "tokens_identical_to_none": identical_to_none(results)}, indent=1))
     print(table(meta, results))
 
 
 def table(meta: dict, results: list[dict]) -> str:
-    base = {r["mode"]: r for r in results}.get("none")
+    same = identical_to_none(results)
     rows = [f"{meta}", "", "| mode | engine start s | tier ready s | seed run1 s | seed run2 s | speedup | twice cold s | "
             "twice warm s | tokens = none |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         seed, twice = r.get("seed", {}), r.get("twice", {})
-        same = "-"
-        if base is not None and r is not base:
-            same = str(all(r.get(s, {}).get("tokens") == base.get(s, {}).get("tokens")
-                           for s in ("seed", "twice", "chat", "docqa")))
         rows.append(f"| {r['mode']} | {r['engine_start_s']:.1f} | {r.get('tier_ready_s', 0):.1f} | "
                     f"{seed.get('run1_s', 0):.3f} | "
                     f"{seed.get('run2_s', 0):.3f} | {seed.get('speedup', 0):.2f}x | {twice.get('cold_s', 0):.3f} | "
-                    f"{twice.get('warm_s', 0):.3f} | {same} |")
+                    f"{twice.get('warm_s', 0):.3f} | {same.get(r['mode'], '-')} |")
     rows += ["", "| mode | chat TTFT p50 s | chat TTFT p95 s | chat req/s | docqa TTFT p50 s | docqa TTFT p95 s | "
              "docqa req/s |", "|---|---|---|---|---|---|---|"]
     for r in results:

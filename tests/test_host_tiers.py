@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -45,6 +47,40 @@ def test_pool_is_exactly_the_configured_size_and_payloads_round_trip() -> None:
     assert pool.fill(3, 2, reader(partial))
     assert torch.equal(pool.tensor[3, :, :2], pool.tensor[2, :, :2])
     assert not pool.fill(0, 4, lambda out: False)
+
+
+def test_pool_that_cannot_be_pinned_stays_pageable_and_serves(monkeypatch, caplog) -> None:
+    """Pinning is an optimisation: when cudaHostRegister fails (ulimit -l, containers) the pool becomes ready
+    unpinned, with a warning that says what to do, and copies take the torch path. (The failure is forced,
+    so the test means the same on a GPU machine; without CUDA, cudart itself fails the same way.)"""
+    def refuse():
+        raise RuntimeError("cudaHostRegister failed with error 1")
+
+    monkeypatch.setattr(torch.cuda, "cudart", refuse)
+    caplog.set_level(logging.WARNING, logger="kvoffload")
+    pool = HostPool(num_slots=4, num_layers=3, pages_per_slot=4, page_bytes=256, pin=True)
+    assert pool.wait_ready(60) and not pool.pinned and pool._registered == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("could not pin" in m and "ulimit -l" in m and "stays pageable" in m for m in messages), messages
+    pool.close()
+
+
+@pytest.mark.gpu
+def test_pool_pins_while_a_cuda_graph_is_being_captured() -> None:
+    """vLLM captures CUDA graphs (global capture mode) while the pool pins in the background: the
+    registration must neither invalidate the capture (engine start failed with
+    cudaErrorStreamCaptureInvalidated) nor fail itself."""
+    x = torch.ones(1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x * 2
+        pool = HostPool(num_slots=8, num_layers=3, pages_per_slot=4, page_bytes=65536, pin=True)
+        assert pool.wait_ready(60)
+        y += 1
+    graph.replay()
+    torch.cuda.synchronize()
+    assert pool.pinned and torch.equal(y, torch.full_like(x, 3.0))
+    pool.close()
 
 
 @pytest.mark.gpu

@@ -4,12 +4,15 @@ Why not ``torch.empty(..., pin_memory=True)``: torch's pinned allocator rounds u
 (1.78x the host memory for some sizes) and pins on the calling thread, which for a 15 GB pool blocks
 engine start for seconds. Instead the buffer is allocated unpinned (the kernel maps pages lazily, so
 nothing is touched yet), and a background thread touches it and registers it with
-``cudaHostRegister`` in pieces. Until that finishes the pool reports ``ready`` False and the worker
-skips stores (counted), so serving starts at once. Host memory used is the pool's exact size.
+``cudaHostRegister`` in pieces, so the engine starts without waiting for it. The first copy waits for
+``ready`` (a request arriving in the first seconds after start waits for the rest of the pinning, once).
+If pinning fails the pool stays pageable: slower copies, nothing lost. Host memory used is the pool's
+exact size.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -27,6 +30,33 @@ _REGISTER_MAX = 16 << 30
 _TOUCH_PIECE = 1 << 30
 
 
+def _relax_capture_mode() -> None:
+    """Let this thread call cudaHostRegister while vLLM captures CUDA graphs on its own thread.
+
+    vLLM captures in the global mode, which forbids "unsafe" calls such as cudaHostRegister from every
+    thread in the process and invalidates the capture when one is made (the engine then fails to start
+    with cudaErrorStreamCaptureInvalidated). The relaxed mode exempts only this thread; registering host
+    memory enqueues no work, so it cannot conflict with the captured streams. torch does not bind the call,
+    hence ctypes on the CUDA runtime torch already loaded.
+    """
+    runtime = ctypes.CDLL(_loaded_cudart())
+    mode = ctypes.c_int(2)  # cudaStreamCaptureModeRelaxed
+    err = runtime.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))
+    if err != 0:
+        raise RuntimeError(f"cudaThreadExchangeStreamCaptureMode failed with error {err}")
+
+
+def _loaded_cudart() -> str:
+    """The CUDA runtime library this process uses (torch loaded it; the capture mode is its per-thread state)."""
+    torch.cuda.init()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if "/libcudart.so" in path:
+                return path
+    return f"libcudart.so.{(torch.version.cuda or '').split('.')[0]}"
+
+
 class HostPool:
     def __init__(self, num_slots: int, num_layers: int, pages_per_slot: int, page_bytes: int,
                  pin: bool) -> None:
@@ -34,6 +64,7 @@ class HostPool:
         self.tensor = torch.empty(self.shape, dtype=torch.uint8)
         self.nbytes = self.tensor.numel()
         self.pin_seconds: float | None = None
+        self.pinned = False  # set once cudaHostRegister covered the whole pool
         self._registered: list[tuple[int, int]] = []
         self._ready = threading.Event()
         if pin and self.nbytes:
@@ -68,12 +99,13 @@ class HostPool:
 
     def _pin(self) -> None:
         start = time.perf_counter()
-        cudart = torch.cuda.cudart()
         base = self.tensor.data_ptr()
         flat = self.tensor.view(-1)
         slot_bytes = self.nbytes // self.shape[0]
         piece = max(1, _REGISTER_MAX // slot_bytes) * slot_bytes
         try:
+            cudart = torch.cuda.cudart()
+            _relax_capture_mode()
             # The cost is the kernel faulting and zeroing pages, which parallelises; registration is cheap.
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as touch:
                 list(touch.map(lambda start: flat[start:start + _TOUCH_PIECE:4096].zero_(),
@@ -84,22 +116,27 @@ class HostPool:
                 if int(err) != 0:
                     raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")
                 self._registered.append((base + offset, size))
-        except Exception as exc:  # pinning is an optimisation; without it the pool stays off
-            logger.warning("kvoffload: could not pin %.1f GB of host memory (%s); CPU offloading is disabled. "
-                           "Lower max_local_cpu_size or raise the locked-memory limit (ulimit -l).",
-                           self.nbytes / 1e9, exc)
-            return
-        self.pin_seconds = time.perf_counter() - start
-        logger.info("kvoffload: pinned %.2f GB host pool in %.2f s", self.nbytes / 1e9, self.pin_seconds)
+        except Exception as exc:  # pinning is an optimisation: a pageable pool copies slower but works
+            self._unregister()
+            logger.warning("kvoffload: could not pin %.1f GB of host memory (%s); the CPU pool stays pageable and "
+                           "copies use the slower torch path. Lower max_local_cpu_size or raise the locked-memory "
+                           "limit (ulimit -l).", self.nbytes / 1e9, exc)
+        else:
+            self.pinned = True
+            self.pin_seconds = time.perf_counter() - start
+            logger.info("kvoffload: pinned %.2f GB host pool in %.2f s", self.nbytes / 1e9, self.pin_seconds)
         self._ready.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
     def close(self) -> None:
+        if hasattr(self, "_thread"):
+            self._thread.join()
+        self._unregister()
+
+    def _unregister(self) -> None:
         if self._registered:
-            if hasattr(self, "_thread"):
-                self._thread.join()
             cudart = torch.cuda.cudart()
             for ptr, _ in self._registered:
                 cudart.cudaHostUnregister(ptr)

@@ -45,5 +45,5 @@ def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprin
 
 def pool_is_pinned(vllm_config: Any) -> bool:
     """Whether the host pool is pinned (a CUDA cache): it is then pinned in the background after start, and
-    no copy can be planned before every worker reported it ready. A CPU cache needs no pinning."""
+    the first copy waits for it. A CPU cache needs no pinning."""
     return vllm_config.device_config.device_type == "cuda"

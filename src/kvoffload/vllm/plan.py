@@ -65,7 +65,6 @@ class WorkerReport(KVConnectorWorkerMetadata):
     prefetch_failed: Counter = field(default_factory=Counter)
     removed: set = field(default_factory=set)  # keys a persistent tier dropped (eviction, corruption)
     layout: str | None = None  # the worker's KV layout signature, sent once: names its persistent storage
-    copy_ready: int = 0  # ranks whose copy path became ready (host pool pinned), each sent once
 
     def aggregate(self, other: "WorkerReport") -> "WorkerReport":
         return WorkerReport(
@@ -77,9 +76,8 @@ class WorkerReport(KVConnectorWorkerMetadata):
             prefetch_failed=self.prefetch_failed + other.prefetch_failed,
             removed=self.removed | other.removed,
             layout=self.layout or other.layout,
-            copy_ready=self.copy_ready + other.copy_ready,
         )
 
     def is_empty(self) -> bool:
         return not (self.stored or self.loaded or self.persisted or self.prefetched or self.prefetch_failed
-                    or self.removed or self.layout or self.copy_ready)
+                    or self.removed or self.layout)

@@ -8,9 +8,9 @@ copy to which slots (stores), which slots to copy into which blocks (loads), whi
 the persistent tiers (prefetches).
 
 What may be promised to vLLM: a chunk in the host pool (READY), or one whose store is already in a plan
-the workers received (STORING). A planned store always runs: copies are planned only once every worker
-reported its copy path ready, and the workers order a load from a slot behind the store into it, on the
-device, chunk by chunk. A chunk read from disk or Redis (PREFETCHING) becomes loadable only once every
+the workers received (STORING). A planned store always runs (a worker whose host pool is still being
+pinned right after start waits for it), and the workers order a load from a slot behind the store into
+it, on the device, chunk by chunk. A chunk read from disk or Redis (PREFETCHING) becomes loadable only once every
 worker reported it read and verified.
 
 How a load runs: when no other load is in flight, synchronously, in the step that also runs the
@@ -31,7 +31,7 @@ from typing import Any
 
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk, pool_is_pinned, slots_per_worker
+from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk, slots_per_worker
 from kvoffload.tiers.host_index import Entry, HostIndex, SlotState
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
@@ -99,10 +99,6 @@ class OffloadScheduler:
         self._loads: list[RequestCopies] = []
         self._prefetches: list[Prefetch] = []
         self._store_ok: Counter = Counter()
-        # A pinned pool is pinned in the background: until every worker says its copy path is ready, nothing
-        # is planned (a planned store must run, since a load may already be queued behind it).
-        self._copy_ready = not pool_is_pinned(vllm_config)
-        self._ready_workers = 0
         self._load_done: Counter = Counter()
         self._loading = 0  # chunk loads planned and not yet reported done by every worker
         self._persist_done: Counter = Counter()
@@ -154,7 +150,7 @@ class OffloadScheduler:
             state.waiting = {k for k in chain[hit_chunks:] if self._in_flight(k)}
             state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
             return None, False
-        if (self.persistent is not None and self._copy_ready and state.prefetch_open
+        if (self.persistent is not None and state.prefetch_open
                 and hit_chunks < len(chain)):
             if self._start_prefetch(state, chain, hit_chunks):
                 return None, False
@@ -331,8 +327,6 @@ class OffloadScheduler:
         return plan
 
     def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
-        if not self._copy_ready:
-            return  # the chunks are planned on a later step, once the workers can copy (blocks permitting)
         request = state.request
         prompt = request.num_prompt_tokens
         limit = computed if self.settings.save_decode_cache else min(computed, prompt)
@@ -405,9 +399,6 @@ class OffloadScheduler:
             self.persistent = PersistentLookup(
                 self.settings, storage_fingerprint(self.fingerprint, report.layout, rank=0,
                                                    world_size=self.world_size))
-        if report.copy_ready and not self._copy_ready:
-            self._ready_workers += report.copy_ready
-            self._copy_ready = self._ready_workers >= self.world_size
         for key in self._complete(self._store_ok, None, report.stored, None):
             self._inflight -= 1
             self.index.mark_ready(key)

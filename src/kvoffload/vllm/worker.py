@@ -86,7 +86,6 @@ class OffloadWorker:
         # Which parts of the bound plan ran: "load"/"store" -> the plan itself. Not its id(): once vLLM drops a
         # step's plan, the next one can get the same id, and its loads, stores and prefetches were skipped.
         self._done_plans: dict[str, StepPlan] = {}
-        self._ready_reported = False
         # Layer-wise loads need the forward to announce each layer (wait_for_layer_load); they are used only
         # once a forward was seen announcing every layer of the cache, so a model that does not is never
         # run on a layer that is not in yet.
@@ -120,10 +119,20 @@ class OffloadWorker:
                     self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
                     ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
 
-    def _ready_backend(self) -> CopyBackend | None:
-        """The copy backend, created once the host pool is pinned (the CUDA path needs pinned memory)."""
-        if self.backend is None and self.pool is not None and self.pool.ready:
-            self.backend = make_copy_backend(self.kv, self.pool.tensor, self.settings.copy_backend)
+    def _copy_path(self) -> CopyBackend:
+        """The copy backend, created at the first copy once the host pool is pinned (the CUDA path needs
+        pinned memory). The pool pins in the background from engine start; a copy planned before it is done
+        waits for it, since a planned store must run: a load of the same chunk may already be queued."""
+        if self.backend is None:
+            assert self.pool is not None, "copies are planned only after register_kv_caches"
+            start = time.perf_counter()
+            self.pool.wait_ready()
+            waited = time.perf_counter() - start
+            if waited > 0.01:
+                logger.info("kvoffload: the first copy waited %.2f s for the host pool to be pinned (requests "
+                            "sent right after start)", waited)
+            preference = self.settings.copy_backend if self.pool.pinned else "torch"
+            self.backend = make_copy_backend(self.kv, self.pool.tensor, preference)
             logger.info("kvoffload: %s copy path ready", self.backend.name)
         return self.backend
 
@@ -205,13 +214,6 @@ class OffloadWorker:
         self._stores.append(batch)
         for copies in plan.stores:
             self._requests.setdefault(copies.req_id, _RequestStores()).batches.append(batch)
-
-    def _copy_path(self) -> CopyBackend:
-        """The copy backend; the scheduler plans copies only after every worker reported it ready."""
-        backend = self._ready_backend()
-        if backend is None:
-            raise RuntimeError("kvoffload: a copy was planned before the host pool was ready; please report this")
-        return backend
 
     def _issue(self, copies: list[RequestCopies], op: Any) -> _Batch:
         block_ids, slots, pages = [], [], []
@@ -341,9 +343,6 @@ class OffloadWorker:
 
     def build_report(self) -> WorkerReport | None:
         self._drain_results()
-        if not self._ready_reported and self._ready_backend() is not None:
-            self._report.copy_ready = 1  # from now on the scheduler may plan copies for this worker
-            self._ready_reported = True
         report, self._report = self._report, WorkerReport()
         return None if report.is_empty() else report
 
