@@ -127,15 +127,17 @@ def test_benchmark_plot_from_measured_results(tmp_path):
     proc = _plot(ROOT / "benchmarks" / "results", out)
     assert proc.returncode == 0, proc.stderr
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == {"e2e_h100_qwen3-8b-seed.png", "e2e_h100_qwen3-8b-ttft.png", "copy_bandwidth_h100.png"}
+    assert pngs == {f"e2e_h100_{arch}-{plot}.png" for arch in ("qwen3-8b", "llama-3.1-8b")
+                    for plot in ("seed", "ttft")} | {"copy_bandwidth_h100.png"}
     assert all((out / name).stat().st_size > 10_000 for name in pngs)
     text = (out / "results.md").read_text()
     assert "SAMPLE" not in text
     for fact in ("2026-11-24", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
-                 "| kvoffload | 2.632 | 0.433 | 6.1x | 0.454 | 0.104 |", "| vLLM native | 2.721 | 0.485 | 5.6x |",
-                 "| kvoffload + disk | 2.658 | 0.472 | 5.6x | 0.465 | 0.124 |",
-                 "| kvoffload | 0.035 | 0.075 | 21.98 | 0.042 | 0.062 | 23.01 |",
-                 "| Qwen3-8B | store | 51.5 | 44.3 | 16.6 | 54.5 | 94.4% | yes |",
+                 "| kvoffload | 2.640 | 0.454 | 5.8x | 0.451 | 0.086 |", "| vLLM native | 2.741 | 0.601 | 4.6x |",
+                 "| kvoffload + disk | 2.632 | 0.488 | 5.4x | 0.451 | 0.087 |",
+                 "| kvoffload | 0.041 | 0.075 | 20.14 | 0.049 | 0.078 | 19.95 |",
+                 "| kvoffload | 2.666 | 0.373 | 7.1x | 0.426 | 0.078 |",
+                 "| Qwen3-8B | load | 51.1 | 52.0 | 40.6 | 16.4 | 55.0 | 93.0% | yes |",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
         assert fact in text, fact
     # The committed page assets are what the script makes from the committed results.
