@@ -28,9 +28,9 @@ class NoLoadConnector(KVOffloadConnector):
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         worker: OffloadWorker = self._worker
-        backend = worker.backend
+        backend = worker._copy_path()
         zero_here = self.zero_ranks is None or worker.rank in self.zero_ranks
-        if backend is not None and zero_here and not getattr(backend, "zeroing", False):
+        if zero_here and not getattr(backend, "zeroing", False):
             def zero(block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
                 for layer in worker.kv.layers:
                     layer[block_ids] = 0

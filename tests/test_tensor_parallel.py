@@ -186,8 +186,7 @@ class TPEngine:
     def gate(self, rank: int) -> dict[str, bool]:
         """Rank ``rank``'s stores copy at once (CPU) but report themselves in flight until the gate opens."""
         gate = {"open": False}
-        backend = self.workers[rank].backend
-        assert backend is not None
+        backend = self.workers[rank]._copy_path()
         store = backend.store
 
         def gated_store(*args: torch.Tensor) -> Fence:
@@ -196,6 +195,14 @@ class TPEngine:
 
         backend.store = gated_store  # type: ignore[method-assign]
         return gate
+
+    def load_into(self, req: Request, block_ids: list[int], need: int) -> KVConnectorOutput:
+        """Poison ``block_ids`` on every rank, hand them to ``req`` with ``need`` external tokens and run the
+        step that loads them beside ``req``'s one-token forward."""
+        for cache in self.caches:
+            cache[:, block_ids] = float("nan")
+        self.scheduler.update_state_after_alloc(req, Blocks(block_ids), need)
+        return self.step(schedule_new(req, block_ids, need, 1))
 
     def keys(self, req: Request) -> list[bytes]:
         state = self.scheduler._state(req)
@@ -280,14 +287,11 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
 
     # loads restore each rank's own shard, byte for byte, into blocks poisoned on every rank
     b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
-    for cache in engine.caches:
-        cache[:, b_blocks] = float("nan")
-    engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
+    out = engine.load_into(b, b_blocks, need)  # the load and b's forward in one step
     hit_lines = [r.getMessage() for r in caplog.records if "kvoffload hit tokens" in r.getMessage()]
     assert hit_lines == [f"Reqid: b, Total tokens {len(PROMPT)}, kvoffload hit tokens: {need}, need to load: {need}"]
     assert engine.scheduler.stats.data["lookup_requests"] == 2
     assert engine.scheduler.stats.data["hit_tokens"] == need
-    out = engine.step(schedule_new(b, b_blocks, need, 1))  # the load and b's forward in one step
     assert out.finished_recving is None, "a synchronous load must not be handed back to vLLM"
     for rank in range(2):
         restored, original = engine.pages(rank, b_blocks), engine.pages(rank, a_blocks)
@@ -313,10 +317,7 @@ def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> N
     need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
     assert need == len(PROMPT) - 1, "a chunk whose store was issued must be promised"
     b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
-    for cache in engine.caches:
-        cache[:, b_blocks] = float("nan")
-    engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
-    engine.step(schedule_new(b, b_blocks, need, 1))
+    engine.load_into(b, b_blocks, need)
     for rank in range(2):
         assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
     assert all(engine.scheduler.index.get(k).state is SlotState.STORING for k in keys)
@@ -335,7 +336,6 @@ def test_request_sent_while_the_pool_is_being_pinned_is_stored() -> None:
     the step: a stand-in, no GPU on the CI machines."""
     engine = TPEngine()
     worker = engine.workers[1]
-    worker.backend = None  # as on a GPU: the copy path is made once the pool is ready
     worker.pool._ready.clear()
     pinned = threading.Timer(0.3, worker.pool._ready.set)
     pinned.start()
@@ -449,10 +449,7 @@ def test_disk_tier_round_trip_keeps_each_rank_shard(tmp_path: Path) -> None:
     need = answer[0]
     assert need == len(PROMPT) - 1
     b_blocks = list(range(30, 30 + PROMPT_BLOCKS))
-    for cache in second.caches:
-        cache[:, b_blocks] = float("nan")
-    second.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
-    second.step(schedule_new(b, b_blocks, need, 1))
+    second.load_into(b, b_blocks, need)
     for rank in range(2):
         assert torch.equal(second.pages(rank, b_blocks).view(torch.uint8), shards[rank].view(torch.uint8))
     second.shutdown()

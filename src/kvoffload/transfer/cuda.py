@@ -152,20 +152,22 @@ class _EventsFence(Fence):
 
 
 class _BlockUse:
-    """In-flight copies that touch vLLM blocks: (event recorded when the copy is done with them, blocks)."""
+    """In-flight copies that touch vLLM blocks: (event recorded when the copy is done with them, blocks).
+
+    A copy asks for the pending events of one set and adds itself to the other with the same block set,
+    so callers build it once (``frozenset(block_ids.tolist())``)."""
 
     def __init__(self) -> None:
         self._uses: list[tuple[torch.cuda.Event, frozenset[int]]] = []
 
-    def add(self, event: torch.cuda.Event, block_ids: torch.Tensor) -> None:
+    def add(self, event: torch.cuda.Event, blocks: frozenset[int]) -> None:
         self._forget_finished()
-        self._uses.append((event, frozenset(block_ids.tolist())))
+        self._uses.append((event, blocks))
 
-    def pending(self, block_ids: torch.Tensor) -> list[torch.cuda.Event]:
-        """Events of the unfinished copies that touch any of ``block_ids``."""
+    def pending(self, blocks: frozenset[int]) -> list[torch.cuda.Event]:
+        """Events of the unfinished copies that touch any of ``blocks``."""
         self._forget_finished()
-        wanted = set(block_ids.tolist())
-        return [event for event, blocks in self._uses if not blocks.isdisjoint(wanted)]
+        return [event for event, used in self._uses if not used.isdisjoint(blocks)]
 
     def _forget_finished(self) -> None:
         self._uses = [(event, blocks) for event, blocks in self._uses if not event.query()]
@@ -238,7 +240,8 @@ class CudaCopyBackend(CopyBackend):
         pipe = self._store
         with torch.cuda.device(self.device):
             pipe.kernel.wait_stream(torch.cuda.current_stream(self.device))
-            for event in self._scattering.pending(block_ids):
+            blocks = frozenset(block_ids.tolist())
+            for event in self._scattering.pending(blocks):
                 pipe.kernel.wait_event(event)
             start = _recorded(pipe.kernel)
             entries, pieces = self._plan(block_ids, slots, pages, pipe.kernel)
@@ -256,7 +259,7 @@ class CudaCopyBackend(CopyBackend):
                 # per piece (a piece is one chunk or less): a load of this chunk follows it on the wire
                 # while later chunks of the same store are still being copied out
                 _mark(self._stored_to, piece_slots, _recorded(pipe.dma))
-            self._gathering.add(_recorded(pipe.kernel), block_ids)
+            self._gathering.add(_recorded(pipe.kernel), blocks)
             return _EventsFence([_recorded(pipe.dma)], start)
 
     def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
@@ -267,11 +270,12 @@ class CudaCopyBackend(CopyBackend):
             # No wait for the compute stream: vLLM hands a request blocks that no queued step uses any more
             # (it defers frees past in-flight steps), and waiting would stall every queued load behind
             # each forward.
-            start = self._begin_load(block_ids)
+            blocks = frozenset(block_ids.tolist())
+            start = self._begin_load(blocks)
             entries, pieces = self._plan(block_ids, slots, pages, self._load.kernel)
             for piece in pieces:
                 self._load_piece(entries, piece, slots=slots)
-            return self._end_load(block_ids, start)
+            return self._end_load(blocks, start)
 
     def load_sync(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
                   layerwise: bool) -> Fence:
@@ -284,7 +288,8 @@ class CudaCopyBackend(CopyBackend):
         self._check(block_ids, slots, pages)
         pipe = self._load
         with torch.cuda.device(self.device):
-            start = self._begin_load(block_ids)
+            blocks = frozenset(block_ids.tolist())
+            start = self._begin_load(blocks)
             for event in _pending(self._stored_to, slots):  # every layer reads every slot
                 pipe.dma.wait_event(event)
             entries, pieces = plan_copy(block_ids, slots, pages, 1, self.kv.page_bytes, self._per_layer_piece)
@@ -296,7 +301,7 @@ class CudaCopyBackend(CopyBackend):
                     self._load_piece(entries, piece, layer=layer)
                 self._layer_events.append(_recorded(pipe.kernel))
             _mark(self._loaded_from, slots, _recorded(pipe.dma))
-            fence = self._end_load(block_ids, start)
+            fence = self._end_load(blocks, start)
             self.wait_layer(0)  # written before the forward's first attention: see wait_layer
             return fence
 
@@ -309,8 +314,8 @@ class CudaCopyBackend(CopyBackend):
             torch.cuda.current_stream(self.device).wait_event(event)
         self._layer_events = []
 
-    def _begin_load(self, block_ids: torch.Tensor) -> torch.cuda.Event:
-        for event in self._gathering.pending(block_ids):
+    def _begin_load(self, blocks: frozenset[int]) -> torch.cuda.Event:
+        for event in self._gathering.pending(blocks):
             self._load.kernel.wait_event(event)
         return _recorded(self._load.dma)
 
@@ -335,9 +340,9 @@ class CudaCopyBackend(CopyBackend):
         if piece_slots is not None:
             _mark(self._loaded_from, piece_slots, _recorded(pipe.dma))
 
-    def _end_load(self, block_ids: torch.Tensor, start: torch.cuda.Event) -> Fence:
+    def _end_load(self, blocks: frozenset[int], start: torch.cuda.Event) -> Fence:
         end = _recorded(self._load.kernel)
-        self._scattering.add(end, block_ids)
+        self._scattering.add(end, blocks)
         return _EventsFence([end], start)
 
     def await_on_compute(self) -> None:

@@ -42,8 +42,3 @@ def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprin
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
     )
 
-
-def pool_is_pinned(vllm_config: Any) -> bool:
-    """Whether the host pool is pinned (a CUDA cache): it is then pinned in the background after start, and
-    the first copy waits for it. A CPU cache needs no pinning."""
-    return vllm_config.device_config.device_type == "cuda"

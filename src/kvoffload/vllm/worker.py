@@ -33,7 +33,7 @@ from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
-from kvoffload.vllm.identity import pages_per_chunk, pool_is_pinned, slots_per_worker
+from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
@@ -70,7 +70,6 @@ class OffloadWorker:
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
         self.rank = _tp_rank() if rank is None else rank
-        self.pinned_pool = pool_is_pinned(vllm_config)
         self.pool: HostPool | None = None
         self.backend: CopyBackend | None = None
         self.tiers: list[ChunkTier] = []
@@ -105,10 +104,9 @@ class OffloadWorker:
         pages_per_slot = pages_per_chunk(self.settings, self.kv_cache_config)
         slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
         num_slots = slots_per_worker(self.settings, self.world_size, slot_bytes)
-        self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=self.pinned_pool)
+        # On a GPU the pool is pinned (DMA needs it) in the background; a CPU cache copies from plain memory.
+        self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=kv.device.type == "cuda")
         self.kv = kv
-        if not self.pinned_pool:
-            self.backend = make_copy_backend(kv, self.pool.tensor, self.settings.copy_backend)
         first = tensors[0]
         self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
                        f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
@@ -120,9 +118,9 @@ class OffloadWorker:
                     ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
 
     def _copy_path(self) -> CopyBackend:
-        """The copy backend, created at the first copy once the host pool is pinned (the CUDA path needs
-        pinned memory). The pool pins in the background from engine start; a copy planned before it is done
-        waits for it, since a planned store must run: a load of the same chunk may already be queued."""
+        """The copy backend, created at the first copy once the host pool is ready (the CUDA path needs
+        pinned memory). A GPU pool pins in the background from engine start; a copy planned before it is
+        done waits for it, since a planned store must run: a load of the same chunk may already be queued."""
         if self.backend is None:
             assert self.pool is not None, "copies are planned only after register_kv_caches"
             start = time.perf_counter()
