@@ -5,6 +5,7 @@ with ``time.perf_counter``, a system-wide monotonic clock on Linux, so the engin
 share it), then prints, relative to the moment ``generate`` was called:
 
 * ``twice``: the second of two identical 15,000-token prompts (the warm TTFT of the issue),
+* ``paused``: the same with a second's pause in between, so the first one's stores are over,
 * ``seed``: the second run of the seed script (10 prompts x 10,000 tokens, all loaded).
 
 Usage (on the GPU machine): python benchmarks/profile_warm.py [--arch qwen3-8b] [--scenarios twice,seed]
@@ -49,6 +50,8 @@ class TracingConnector(KVOffloadConnector):
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         plan = self._bound_plan()
+        if plan is not None and plan.loads:
+            _stamp("loads planned", f"{sum(len(c.chunks) for c in plan.loads)} chunks")
         super().start_load_kv(forward_context, **kwargs)
         if plan is not None and plan.loads:
             _stamp("loads issued", ",".join(c.req_id for c in plan.loads))
@@ -73,7 +76,7 @@ class TracingConnector(KVOffloadConnector):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen3-8b")
-    parser.add_argument("--scenarios", default="twice,seed")
+    parser.add_argument("--scenarios", default="twice,paused,seed")
     args = parser.parse_args()
     here = str(Path(__file__).resolve().parent)
     sys.path.insert(0, here)
@@ -111,6 +114,11 @@ def main() -> None:
         prompt = [[4000 + (i % 5000) for i in range(15_000)]]
         traced("twice, cold", prompt)
         traced("twice, warm", prompt)
+    if "paused" in scenarios:
+        prompt = [[9000 + (i % 5000) for i in range(15_000)]]
+        traced("paused, cold", prompt)
+        time.sleep(1.0)
+        traced("paused, warm", prompt)
     if "seed" in scenarios:
         prompts = seed_prompts()
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

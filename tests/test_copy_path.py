@@ -160,6 +160,25 @@ def test_torch_backend_cpu(layout: str, dtype: torch.dtype, list_name: str) -> N
     roundtrip(TorchCopyBackend, layout, dtype, "cpu", list_name)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copy_blocks_cpu(layout: str) -> None:
+    """Every layer of each source block lands in its destination; nothing else changes; bad ids are refused."""
+    cache = make_cache(layout, torch.bfloat16, "cpu")
+    kv = cache.kv()
+    copier = TorchCopyBackend(kv, make_pool(kv))
+    src, dst = torch.tensor([7, 2, 11]), torch.tensor([0, 9, 5])
+    before = cache.snapshot()
+    copier.copy_blocks(src, dst)
+    moved = dict(zip(dst.tolist(), src.tolist()))
+    for (layer, block), old in before.items():
+        want = before[(layer, moved[block])] if block in moved else old
+        assert torch.equal(cache.page(layer, block), want), f"layer {layer} block {block}"
+    with pytest.raises(IndexError, match="out of range"):
+        copier.copy_blocks(torch.tensor([BLOCKS]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="same length"):
+        copier.copy_blocks(torch.tensor([1, 2]), torch.tensor([0]))
+
+
 def test_factory_on_cpu_uses_torch() -> None:
     kv = make_cache("lbhnc", torch.bfloat16, "cpu").kv()
     assert isinstance(make_copy_backend(kv, make_pool(kv)), TorchCopyBackend)
@@ -402,3 +421,28 @@ def test_sync_load_is_seen_by_the_compute_stream_layer_by_layer(backend: str, la
     copier.finish_layers()
     for layer, pages_seen in enumerate(seen):
         assert torch.equal(pages_seen.cpu(), pool[slots, layer, pages]), f"layer {layer}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_copy_blocks_is_ordered_with_the_copy_streams(backend: str) -> None:
+    """A copy between blocks (a chunk still held by a finished request) behind a busy compute stream: the
+    forward queued after it reads the copied pages, and a load issued next into its source blocks (freed
+    and reused) waits for the copy to have read them; a store of the destination reads the copied bytes."""
+    cache, kv = big_cache()
+    pool = make_pool(kv, slots=4, pages_per_slot=16, fill="random")
+    copier = BACKENDS[backend](kv, pool)
+    src, dst = list(range(0, 16)), list(range(32, 48))
+    expected = layer_pages(cache, src).cpu()
+    torch.cuda._sleep(50_000_000)  # the copy cannot run for a while
+    copier.copy_blocks(torch.tensor(src), torch.tensor(dst))
+    seen = layer_pages(cache, dst)  # the forward, queued on the compute stream
+    copier.load(*chunk(src, 0))  # the source blocks, reused at once
+    copier.store(*chunk(dst, 1))
+    copier.fence().wait()
+    torch.cuda.synchronize()
+    assert torch.equal(seen.cpu(), expected), "the forward ran before the copy"
+    assert torch.equal(layer_pages(cache, dst).cpu(), expected), "the load overwrote the source before it was read"
+    assert torch.equal(layer_pages(cache, src).cpu(), pool[0])
+    assert torch.equal(pool[1], expected)

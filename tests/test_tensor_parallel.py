@@ -328,6 +328,71 @@ def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> N
     engine.shutdown()
 
 
+def test_repeat_right_after_a_finished_request_is_copied_from_its_held_blocks() -> None:
+    """A prompt sent again while the first request's stores are still in flight (vLLM keeps its blocks for
+    them) is loaded from those blocks, block to block within each rank's cache, not from the host slots:
+    the slots hold other bytes here, and the load still restores each rank's shard. Once the first request
+    is released (vLLM may reuse its blocks), loads read the slots again."""
+    engine = TPEngine()
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    keys = engine.keys(a)
+    gate = engine.gate(rank=1)
+    store_prompt(engine, a, a_blocks)
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    engine.step(finished={"a"})  # rank 1's stores are in flight: a's blocks stay held
+    slots = [engine.scheduler.index.get(k).slot for k in keys]
+    stored = [worker.pool.tensor[slots].clone() for worker in engine.workers]
+    for worker in engine.workers:
+        worker.pool.tensor[slots] = 0xFF  # NaN as float32: whatever reads a slot gets it
+
+    b = Request("b", PROMPT)
+    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
+    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
+    engine.load_into(b, b_blocks, need)
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
+    assert all(engine.scheduler.index.get(k).pins == 0 for k in keys), "the load's pins outlived it"
+
+    for worker, pages in zip(engine.workers, stored):
+        worker.pool.tensor[slots] = pages
+    original = [engine.pages(rank, a_blocks) for rank in range(2)]
+    gate["open"] = True
+    out = engine.step()
+    assert out.finished_sending == {"a"}
+    for cache in engine.caches:
+        cache[:, a_blocks] = float("nan")  # vLLM hands a's blocks to other requests now
+    c = Request("c", PROMPT)
+    need, _ = engine.scheduler.get_num_new_matched_tokens(c, 0)
+    c_blocks = list(range(40, 40 + PROMPT_BLOCKS))
+    engine.load_into(c, c_blocks, need)
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, c_blocks).view(torch.uint8), original[rank].view(torch.uint8))
+    engine.shutdown()
+
+
+def test_blocks_not_kept_for_the_stores_are_never_a_load_source() -> None:
+    """A request preempted after its stores were planned lost those blocks; when it finishes, vLLM keeps only
+    the blocks it has now (none here): a repeat must read the slots, not the blocks it no longer owns."""
+    engine = TPEngine()
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    gate = engine.gate(rank=1)
+    store_prompt(engine, a, a_blocks)
+    original = [engine.pages(rank, a_blocks) for rank in range(2)]
+    assert engine.scheduler.request_finished(a, []) == (True, None)
+    for cache in engine.caches:
+        cache[:, a_blocks] = float("nan")  # reused by other requests
+    b = Request("b", PROMPT)
+    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
+    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
+    engine.load_into(b, b_blocks, need)
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), original[rank].view(torch.uint8))
+    gate["open"] = True
+    engine.shutdown()
+
+
 def test_request_sent_while_the_pool_is_being_pinned_is_stored() -> None:
     """A CUDA pool is pinned in the background after start. A request sent before that finished is still
     stored: the scheduler plans its stores at once and the worker's first copy waits for the pinning (the

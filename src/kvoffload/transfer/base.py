@@ -111,6 +111,24 @@ class CopyBackend(ABC):
         self.await_on_compute()
         return fence
 
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer of vLLM block ``src[i]`` into block ``dst[i]``, on the cache's device, queued on the
+        compute stream: the forward that follows reads ``dst`` complete, and copies issued later that write
+        ``src`` or read ``dst`` come after it (``src``, ``dst``: equal-length 1-D int64 CPU tensors).
+
+        It serves loads of chunks that are still in the blocks of a finished request (kept by vLLM until its
+        stores are done): an on-device copy of gigabytes takes milliseconds, the host slot tens of them."""
+        if len(src) != len(dst) or src.dtype != torch.int64 or dst.dtype != torch.int64:
+            raise ValueError("src and dst must be int64 tensors of the same length")
+        if len(src) == 0:
+            return
+        num_blocks = self.kv.layers[0].shape[0]
+        if min(int(src.min()), int(dst.min())) < 0 or max(int(src.max()), int(dst.max())) >= num_blocks:
+            raise IndexError(f"block ids out of range [0, {num_blocks})")
+        src, dst = src.to(self.kv.device), dst.to(self.kv.device)
+        for layer in self.kv.layers:
+            layer.index_copy_(0, dst, layer.index_select(0, src))
+
     def await_on_compute(self) -> None:
         """Make the compute stream wait for every load issued so far (nothing to do for synchronous copies)."""
 

@@ -305,6 +305,17 @@ class CudaCopyBackend(CopyBackend):
             self.wait_layer(0)  # written before the forward's first attention: see wait_layer
             return fence
 
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        with torch.cuda.device(self.device):
+            compute = torch.cuda.current_stream(self.device)
+            read, written = frozenset(src.tolist()), frozenset(dst.tolist())
+            for event in self._scattering.pending(read | written) + self._gathering.pending(written):
+                compute.wait_event(event)
+            super().copy_blocks(src, dst)
+            done = _recorded(compute)
+            self._gathering.add(done, read)  # a later load into src (freed, reused) waits for this read
+            self._scattering.add(done, written)
+
     def wait_layer(self, layer: int) -> None:
         if layer < len(self._layer_events):
             torch.cuda.current_stream(self.device).wait_event(self._layer_events[layer])

@@ -23,6 +23,9 @@ class ChunkCopy:
     first_page: int  # page of the slot that block_ids[0] maps to
     persist: bool = False  # after a store: write the chunk to the persistent tiers too
     num_pages: int = 0  # pages of the chunk's payload (whole chunk or partial tail)
+    # A load whose chunk is still in vLLM blocks that a finished request holds for its stores: copy
+    # source_block_ids[i] -> block_ids[i] on the device instead of from the slot (see the scheduler).
+    source_block_ids: list[int] | None = None
 
 
 @dataclass

@@ -13,6 +13,13 @@ pinned right after start waits for it), and the workers order a load from a slot
 it, on the device, chunk by chunk. A chunk read from disk or Redis (PREFETCHING) becomes loadable only once every
 worker reported it read and verified.
 
+Where a load reads from: the host slot, except while the chunk is still in the vLLM blocks of a finished
+request that vLLM keeps for its stores (``request_finished`` returned True and ``finished_sending`` has not
+come back): then the workers copy those blocks on the device. A prompt sent again right after the first
+finished is loaded in milliseconds, without crossing PCIe and without waiting behind the stores of the same
+bytes. It is safe although vLLM may free those blocks one step after this plan (the workers' report can
+overtake it): the copy is queued on the compute stream before anything a later step puts into them.
+
 How a load runs: when no other load is in flight, synchronously, in the step that also runs the
 request's forward, layer by layer (the forward's layer *l* waits only for layer *l*), so the load hides
 behind the forward. When loads are already in flight, asynchronously: vLLM keeps the request aside until
@@ -70,6 +77,7 @@ class _Request:
     answer: tuple[int, int] | None = None  # (hit, need) of the last lookup, logged once vLLM admits the request
     load_async: bool = False  # how the promised load runs (see the module docstring)
     waited: bool = False
+    stored_blocks: dict[bytes, list[int]] = field(default_factory=dict)  # chunk -> its blocks, for stores planned
 
 
 class OffloadScheduler:
@@ -96,6 +104,10 @@ class OffloadScheduler:
         self._persistent_deadline: float | None = None  # see _awaiting_persistent
         self._persistent_gave_up = False
         self._requests: dict[str, _Request] = {}
+        # Chunks still in the blocks of finished requests that vLLM keeps for their stores: key -> (request,
+        # blocks), and request -> keys, until the request comes back in finished_sending.
+        self._held: dict[bytes, tuple[str, list[int]]] = {}
+        self._held_keys: dict[str, list[bytes]] = {}
         self._loads: list[RequestCopies] = []
         self._prefetches: list[Prefetch] = []
         self._store_ok: Counter = Counter()
@@ -278,9 +290,13 @@ class OffloadScheduler:
             entry = self._loadable(chain[chunk])
             if entry is None:  # cannot happen: pinned since the lookup; never load unproven bytes
                 raise RuntimeError(f"kvoffload: chunk {chunk} of request {request.request_id} vanished")
+            held = self._held.get(chain[chunk])
             copy = copies.setdefault(chunk, ChunkCopy(key=chain[chunk], slot=entry.slot, block_ids=[],
-                                                      first_page=page, num_pages=entry.num_pages))
+                                                      first_page=page, num_pages=entry.num_pages,
+                                                      source_block_ids=[] if held else None))
             copy.block_ids.append(block_ids[block])
+            if held:
+                copy.source_block_ids.append(held[1][page])
         self._loads.append(RequestCopies(req_id=request.request_id, chunks=list(copies.values()),
                                          num_tokens=end_token - first_token, total_tokens=request.num_tokens,
                                          sync=not state.load_async))
@@ -301,6 +317,7 @@ class OffloadScheduler:
             state = self._requests.get(req_id)
             if state is not None:
                 state.block_ids = []
+                state.stored_blocks = {}
                 plan.preempted.append(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
@@ -318,6 +335,7 @@ class OffloadScheduler:
             new_ids = cached.new_block_ids[i]
             if req_id in resumed:
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
+                state.stored_blocks = {}
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
             self._plan_stores(state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id],
@@ -360,6 +378,7 @@ class OffloadScheduler:
                 self.index.pin(key)
             copies.append(ChunkCopy(key=key, slot=entry.slot, block_ids=block_ids, first_page=0,
                                     persist=persist, num_pages=num_pages))
+            state.stored_blocks[key] = block_ids
             tokens += num_tokens
             self._inflight += 1 + persist
         if copies:
@@ -389,9 +408,19 @@ class OffloadScheduler:
         if state is None:
             return False, None
         self._release(state)
+        if state.stored_any:
+            kept = set(block_ids)  # only blocks vLLM keeps for us: never those of a preemption before
+            keys = [key for key, blocks in state.stored_blocks.items() if kept.issuperset(blocks)]
+            for key in keys:
+                self._held[key] = (request.request_id, state.stored_blocks[key])
+            self._held_keys[request.request_id] = keys
         return state.stored_any, None
 
     def update_connector_output(self, connector_output: Any) -> None:
+        for req_id in getattr(connector_output, "finished_sending", None) or ():  # vLLM frees their blocks now
+            for key in self._held_keys.pop(req_id, ()):
+                if self._held.get(key, (None,))[0] == req_id:
+                    del self._held[key]
         report = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(report, WorkerReport):
             return

@@ -4,7 +4,8 @@ One instance per vLLM worker (GPU or TP rank). It owns the host pool, the copy b
 ends of the persistent tiers. Each step it
 
 1. issues the planned loads from host slots into vLLM blocks, one per request, without waiting for them
-   (``start_load_kv``); vLLM keeps those requests out of the batch until their load is reported,
+   (``start_load_kv``); vLLM keeps those requests out of the batch until their load is reported. Chunks
+   still in a finished request's blocks are copied block to block on the compute stream instead,
 2. starts reading planned prefetches from disk/remote into host slots on background threads,
 3. after the forward, issues the planned stores from vLLM blocks into host slots on a side stream
    (``wait_for_save``) without waiting for them,
@@ -31,7 +32,7 @@ from kvoffload.config import Settings
 from kvoffload.keys import ModelFingerprint
 from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
-from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
+from kvoffload.transfer import CopyBackend, DoneFence, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
 from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
@@ -47,9 +48,10 @@ class _Batch:
 
     fence: Fence
     copies: list[RequestCopies]
-    nbytes: int
+    nbytes: int  # crossing PCIe
     started: float  # perf_counter at issue: the time of copies whose fence cannot time them
     sync: bool = False  # a load the step's forward waits for (not handed back through finished_recving)
+    device_bytes: int = 0  # of a load, copied on the device from blocks still held (ChunkCopy.source_block_ids)
 
 
 @dataclass
@@ -173,6 +175,11 @@ class OffloadWorker:
         if plan.slot_bytes and plan.slot_bytes != self.pool.tensor[0].numel():
             raise RuntimeError(f"kvoffload: scheduler and worker disagree on the chunk size in bytes "
                                f"({plan.slot_bytes} != {self.pool.tensor[0].numel()}); please report this")
+        on_device = [chunk for copies in plan.loads for chunk in copies.chunks if chunk.source_block_ids]
+        if on_device:  # first: the compute stream need not wait for a layer-wise load to get to them
+            self._copy_path().copy_blocks(
+                torch.tensor([b for chunk in on_device for b in chunk.source_block_ids], dtype=torch.int64),
+                torch.tensor([b for chunk in on_device for b in chunk.block_ids], dtype=torch.int64))
         sync = [copies for copies in plan.loads if copies.sync]
         if sync:  # first, so that the forward waiting for them never waits behind an asynchronous load
             backend = self._copy_path()
@@ -214,17 +221,23 @@ class OffloadWorker:
             self._requests.setdefault(copies.req_id, _RequestStores()).batches.append(batch)
 
     def _issue(self, copies: list[RequestCopies], op: Any) -> _Batch:
+        """Issue the host-slot copies of ``copies``; chunks copied on the device (start_load_kv) only count."""
         block_ids, slots, pages = [], [], []
+        on_device = 0
         for request in copies:
             for chunk in request.chunks:
+                if chunk.source_block_ids:
+                    on_device += len(chunk.block_ids)
+                    continue
                 block_ids.extend(chunk.block_ids)
                 slots.extend([chunk.slot] * len(chunk.block_ids))
                 pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
         started = time.perf_counter()
         fence = op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
-                   torch.tensor(pages, dtype=torch.int64))
-        nbytes = len(block_ids) * self.kv.num_layers * self.kv.page_bytes
-        return _Batch(fence=fence, copies=copies, nbytes=nbytes, started=started)
+                   torch.tensor(pages, dtype=torch.int64)) if block_ids else DoneFence()
+        page_bytes = self.kv.num_layers * self.kv.page_bytes
+        return _Batch(fence=fence, copies=copies, nbytes=len(block_ids) * page_bytes, started=started,
+                      device_bytes=on_device * page_bytes)
 
     def _prefetch(self, key: bytes, slot: int, num_pages: int) -> None:
         assert self.pool is not None
@@ -276,8 +289,9 @@ class OffloadWorker:
         while self._loads and self._loads[0].fence.done():
             batch = self._loads.pop(0)
             seconds = self._seconds(batch)
-            self._stats.add("loaded_bytes", batch.nbytes)
-            self._stats.add("load_seconds", seconds)
+            if batch.nbytes:
+                self._stats.add("loaded_bytes", batch.nbytes)
+                self._stats.add("load_seconds", seconds)
             for copies in batch.copies:
                 if not batch.sync:
                     finished.add(copies.req_id)
@@ -286,8 +300,8 @@ class OffloadWorker:
             total_tokens = sum(c.num_tokens for c in batch.copies)
             for copies in batch.copies:
                 share = copies.num_tokens / total_tokens if total_tokens else 0
-                logger.info("Loaded KV cache for %d tokens of request %s (%.1f MB, %.2f GB/s)", copies.num_tokens,
-                            copies.req_id, batch.nbytes * share / 1e6, batch.nbytes / seconds / 1e9)
+                logger.info("Loaded KV cache for %d tokens of request %s (%s)", copies.num_tokens, copies.req_id,
+                            _load_figures(batch, share, seconds))
         return finished
 
     def _poll_stores(self) -> None:
@@ -391,6 +405,15 @@ class OffloadWorker:
             self.backend.close()
         if self.pool is not None:
             self.pool.close()
+
+
+def _load_figures(batch: _Batch, share: float, seconds: float) -> str:
+    """Size and speed of a request's share of a load batch, for its log line."""
+    over_pcie = f"{batch.nbytes * share / 1e6:.1f} MB, {batch.nbytes / seconds / 1e9:.2f} GB/s"
+    if not batch.device_bytes:
+        return over_pcie
+    in_place = f"{batch.device_bytes * share / 1e6:.1f} MB copied within the KV cache from a finished request's blocks"
+    return f"{in_place}, {over_pcie} from the host pool" if batch.nbytes else in_place
 
 
 def _tp_rank() -> int:
