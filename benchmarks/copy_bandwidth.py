@@ -180,6 +180,14 @@ def bench_model(name: str, layers: int) -> dict:
         calls["kernel"]()
         result["verified"][direction] = check_sample(kv, pool, ids)
 
+    def within() -> None:  # a load of a chunk still held in a finished request's blocks
+        kernel.copy_blocks(store_ids, load_ids)
+        torch.cuda.synchronize()
+    result["within_cache_gbps"] = nbytes / timed(within, reps=REPS) / 1e9
+    before = torch.stack([layer[store_ids[:8].cuda()] for layer in kv.layers])
+    within()
+    result["verified"]["within"] = torch.equal(torch.stack([layer[load_ids[:8].cuda()] for layer in kv.layers]), before)
+
     def store_stream(backend: CopyBackend | None, copies: int = 6) -> Callable[[], None]:
         """Queue ``copies`` full stores (~6 x 28 ms at line rate) from an idle 'compute' stream, enough to
         outlast the ~60 x 1.2 ms of GEMMs queued after them even when issuing the stores costs CPU time."""
@@ -213,6 +221,9 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {r['model']} | {direction} | {g['kernel']:.1f} | {layerwise} | {g['torch']:.1f} | "
                          f"{g['per-page']:.1f} | {g['bulk']:.1f} | {g['kernel'] / g['bulk']:.1%} | "
                          f"{r['verified'][direction]} |")
+    lines += ["", "A chunk still held in a finished request's blocks, copied within the KV cache instead of loaded:", ""]
+    lines += [f"- {r['model']}: {r['within_cache_gbps']:.0f} GB/s of KV (verified: {r['verified']['within']})"
+              for r in results if "within_cache_gbps" in r]
     lines += ["", f"GEMM {'x'.join(map(str, GEMM))} bf16, ms per GEMM (slowdown vs alone) while stores run at full rate:",
               "", "| model | alone | + kernel store | + torch store | + bulk DMA |", "|---|---|---|---|---|"]
     for r in results:
