@@ -133,11 +133,13 @@ def test_benchmark_plot_from_measured_results(tmp_path):
     text = (out / "results.md").read_text()
     assert "SAMPLE" not in text
     for fact in ("2026-11-24", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
-                 "| kvoffload | 2.640 | 0.454 | 5.8x | 0.451 | 0.086 |", "| vLLM native | 2.741 | 0.601 | 4.6x |",
-                 "| kvoffload + disk | 2.632 | 0.488 | 5.4x | 0.451 | 0.087 |",
-                 "| kvoffload | 0.041 | 0.075 | 20.14 | 0.049 | 0.078 | 19.95 |",
-                 "| kvoffload | 2.666 | 0.373 | 7.1x | 0.426 | 0.078 |",
-                 "| Qwen3-8B | load | 51.1 | 52.0 | 40.6 | 16.4 | 55.0 | 93.0% | yes |",
+                 "| kvoffload | 2.584 | 0.516 | 5.0x | 0.460 | 0.054 |", "| vLLM native | 2.659 | 0.551 | 4.8x |",
+                 "| kvoffload + disk | 2.626 | 0.463 | 5.7x | 0.456 | 0.055 |",
+                 "| kvoffload | 0.040 | 0.075 | 20.76 | 0.047 | 0.080 | 20.41 |",
+                 "| kvoffload | 2.654 | 0.422 | 6.3x | 0.434 | 0.037 |",
+                 "| kvoffload | 2.681, 2.584, 2.572 | 0.516, 0.562, 0.452 | 0.456, 0.463, 0.460 | 0.054, 0.044, 0.070 |",
+                 "| Qwen3-8B | load | 51.8 | 43.7 | 40.3 | 16.6 | 55.0 | 94.2% | yes |",
+                 "Qwen3-8B 550 GB/s (byte-exact: yes)",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
         assert fact in text, fact
     # The committed page assets are what the script makes from the committed results.
