@@ -213,6 +213,21 @@ class TPEngine:
     def pages(self, rank: int, block_ids: list[int]) -> torch.Tensor:
         return self.caches[rank][:, block_ids].clone()
 
+    def load_repeat(self, req_id: str, first_block: int) -> list[int]:
+        """Look up a new request for ``PROMPT`` (all but its last token must hit) and load it into the fresh
+        blocks from ``first_block``, which it returns."""
+        req = Request(req_id, PROMPT)
+        need, _ = self.scheduler.get_num_new_matched_tokens(req, 0)
+        assert need == len(PROMPT) - 1
+        blocks = list(range(first_block, first_block + PROMPT_BLOCKS))
+        self.load_into(req, blocks, need)
+        return blocks
+
+    def holds(self, block_ids: list[int], shards: list[torch.Tensor]) -> bool:
+        """Whether each rank's ``block_ids`` hold that rank's ``shards`` byte for byte."""
+        return all(torch.equal(self.pages(rank, block_ids).view(torch.uint8), shard.view(torch.uint8))
+                   for rank, shard in enumerate(shards))
+
     def synchronize(self) -> None:
         """Wait for every copy the ranks issued (the fences tests gate only delay what is *reported*)."""
         for worker in self.workers:
@@ -353,12 +368,8 @@ def check_repeat_copied_from_held_blocks(engine: TPEngine) -> None:
     for worker in engine.workers:
         worker.pool.tensor[slots] = 0xFF  # NaN as float32: whatever reads a slot gets it
 
-    b = Request("b", PROMPT)
-    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
-    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
-    engine.load_into(b, b_blocks, need)
-    for rank in range(2):
-        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
+    b_blocks = engine.load_repeat("b", 20)
+    assert engine.holds(b_blocks, [engine.pages(rank, a_blocks) for rank in range(2)])
     assert all(engine.scheduler.index.get(k).pins == 0 for k in keys), "the load's pins outlived it"
 
     for worker, pages in zip(engine.workers, stored):
@@ -369,12 +380,7 @@ def check_repeat_copied_from_held_blocks(engine: TPEngine) -> None:
     assert out.finished_sending == {"a"}
     for cache in engine.caches:
         cache[:, a_blocks] = float("nan")  # vLLM hands a's blocks to other requests now
-    c = Request("c", PROMPT)
-    need, _ = engine.scheduler.get_num_new_matched_tokens(c, 0)
-    c_blocks = list(range(40, 40 + PROMPT_BLOCKS))
-    engine.load_into(c, c_blocks, need)
-    for rank in range(2):
-        assert torch.equal(engine.pages(rank, c_blocks).view(torch.uint8), original[rank].view(torch.uint8))
+    assert engine.holds(engine.load_repeat("c", 40), original)
     engine.shutdown()
 
 
@@ -408,13 +414,7 @@ def test_pool_that_cannot_be_pinned_serves_a_gpu_through_the_torch_path(monkeypa
     engine.step(finished={"a"})
     wait_idle(engine)
     assert all(not w.pool.pinned and w.backend is not None and w.backend.name == "torch" for w in engine.workers)
-    b = Request("b", PROMPT)
-    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
-    assert need == len(PROMPT) - 1
-    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
-    engine.load_into(b, b_blocks, need)
-    for rank in range(2):
-        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
+    assert engine.holds(engine.load_repeat("b", 20), [engine.pages(rank, a_blocks) for rank in range(2)])
     engine.shutdown()
 
 
@@ -430,12 +430,7 @@ def test_blocks_not_kept_for_the_stores_are_never_a_load_source() -> None:
     assert engine.scheduler.request_finished(a, []) == (True, None)
     for cache in engine.caches:
         cache[:, a_blocks] = float("nan")  # reused by other requests
-    b = Request("b", PROMPT)
-    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)
-    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
-    engine.load_into(b, b_blocks, need)
-    for rank in range(2):
-        assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), original[rank].view(torch.uint8))
+    assert engine.holds(engine.load_repeat("b", 20), original)
     gate["open"] = True
     engine.shutdown()
 
