@@ -31,7 +31,7 @@ def test_index_evicts_least_recently_used_idle_chunks_only() -> None:
 
 def test_pool_is_exactly_the_configured_size_and_payloads_round_trip() -> None:
     pool = HostPool(num_slots=4, num_layers=3, pages_per_slot=4, page_bytes=256, pin=False)
-    assert pool.nbytes == 4 * 3 * 4 * 256 and pool.ready
+    assert pool.nbytes == 4 * 3 * 4 * 256 and pool.wait_ready(0)
     pool.tensor.copy_(torch.randint(0, 255, pool.shape, dtype=torch.uint8))
     whole = bytes(pool.payload(1, 4))
     assert whole == pool.tensor[1].numpy().tobytes()

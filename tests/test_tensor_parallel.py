@@ -418,6 +418,34 @@ def test_pool_that_cannot_be_pinned_serves_a_gpu_through_the_torch_path(monkeypa
     engine.shutdown()
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["from-slots", "from-held-blocks"])
+def test_load_after_a_gpu_prefix_hit_starts_mid_chunk(held: bool) -> None:
+    """vLLM's prefix cache already holds the first block (half of chunk 0): the load starts at page 1 of that
+    chunk and puts every later page in its own block, whether it reads the slots or held blocks."""
+    engine = TPEngine()
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    gate = engine.gate(rank=1) if held else None
+    store_prompt(engine, a, a_blocks)
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    engine.step(finished={"a"})
+    if not held:
+        wait_idle(engine)
+    original = [engine.pages(rank, a_blocks) for rank in range(2)]
+    b = Request("b", PROMPT)
+    need, _ = engine.scheduler.get_num_new_matched_tokens(b, BLOCK)
+    assert need == len(PROMPT) - 1 - BLOCK
+    b_blocks = list(range(20, 20 + PROMPT_BLOCKS))
+    for cache in engine.caches:
+        cache[:, b_blocks[1:]] = float("nan")
+    engine.scheduler.update_state_after_alloc(b, Blocks(b_blocks), need)
+    engine.step(schedule_new(b, b_blocks, BLOCK + need, 1))
+    assert engine.holds(b_blocks[1:], [pages[:, 1:] for pages in original])
+    if gate is not None:
+        gate["open"] = True
+    engine.shutdown()
+
+
 def test_blocks_not_kept_for_the_stores_are_never_a_load_source() -> None:
     """A request preempted after its stores were planned lost those blocks; when it finishes, vLLM keeps only
     the blocks it has now (none here): a repeat must read the slots, not the blocks it no longer owns."""
@@ -450,7 +478,7 @@ def test_request_sent_while_the_pool_is_being_pinned_is_stored() -> None:
     a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
     keys = engine.keys(a)
     store_prompt(engine, a, a_blocks)
-    assert worker.pool.ready and worker.backend is not None
+    assert worker.pool.wait_ready(0) and worker.backend is not None
     assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
     engine.step(finished={"a"})
     wait_idle(engine)

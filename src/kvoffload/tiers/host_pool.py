@@ -63,7 +63,6 @@ class HostPool:
         self.shape = (num_slots, num_layers, pages_per_slot, page_bytes)
         self.tensor = torch.empty(self.shape, dtype=torch.uint8)
         self.nbytes = self.tensor.numel()
-        self.pin_seconds: float | None = None
         self.pinned = False  # set once cudaHostRegister covered the whole pool
         self._registered: list[tuple[int, int]] = []
         self._ready = threading.Event()
@@ -72,10 +71,6 @@ class HostPool:
             self._thread.start()
         else:
             self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
 
     def payload(self, slot: int, num_pages: int) -> memoryview:
         """The bytes a persistent tier stores for a chunk: every layer's first ``num_pages`` pages.
@@ -123,8 +118,7 @@ class HostPool:
                            "limit (ulimit -l).", self.nbytes / 1e9, exc)
         else:
             self.pinned = True
-            self.pin_seconds = time.perf_counter() - start
-            logger.info("kvoffload: pinned %.2f GB host pool in %.2f s", self.nbytes / 1e9, self.pin_seconds)
+            logger.info("kvoffload: pinned %.2f GB host pool in %.2f s", self.nbytes / 1e9, time.perf_counter() - start)
         self._ready.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:

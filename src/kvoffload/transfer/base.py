@@ -107,6 +107,8 @@ class CopyBackend(ABC):
         pages are in before the forward writes the new tokens' KV into the same blocks); ``finish_layers``
         after the forward orders whatever was not announced. This default loads everything up front.
         """
+        if len(block_ids) == 0:  # nothing for the forward to wait for
+            return DoneFence()
         fence = self.load(block_ids, slots, pages)
         self.await_on_compute()
         return fence

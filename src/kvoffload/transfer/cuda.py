@@ -118,10 +118,9 @@ def plan_copy(block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
     return torch.tensor(entries, dtype=torch.int64).reshape(-1, 3), pieces
 
 
-def piece_entries(num_layers: int, page_bytes: int, pages_per_slot: int, budget: int | None = None) -> int:
-    """Entries per piece: ~``budget`` (default ``PIECE_BYTES``) of pages, whole slots when a slot fits so
-    runs stay unsplit."""
-    per = max(1, (PIECE_BYTES if budget is None else budget) // (num_layers * page_bytes))
+def piece_entries(num_layers: int, page_bytes: int, pages_per_slot: int) -> int:
+    """Entries per piece: ~``PIECE_BYTES`` of pages, whole slots when a slot fits so runs stay unsplit."""
+    per = max(1, PIECE_BYTES // (num_layers * page_bytes))
     return per - per % pages_per_slot if per >= pages_per_slot else per
 
 

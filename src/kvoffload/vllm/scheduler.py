@@ -284,20 +284,19 @@ class OffloadScheduler:
         state.hit = None
         block_ids = blocks.get_block_ids()[0]
         chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
-        copies: dict[int, ChunkCopy] = {}
-        for block in range(first_token // self.block_size, math.ceil(end_token / self.block_size)):
-            chunk, page = divmod(block, self.pages_per_chunk)
+        first_block, end_block = first_token // self.block_size, math.ceil(end_token / self.block_size)
+        copies: list[ChunkCopy] = []
+        for chunk in range(first_block // self.pages_per_chunk, math.ceil(end_block / self.pages_per_chunk)):
             entry = self._loadable(chain[chunk])
             if entry is None:  # cannot happen: pinned since the lookup; never load unproven bytes
                 raise RuntimeError(f"kvoffload: chunk {chunk} of request {request.request_id} vanished")
+            base = chunk * self.pages_per_chunk
+            first, end = max(first_block, base) - base, min(end_block, base + self.pages_per_chunk) - base
             held = self._held.get(chain[chunk])
-            copy = copies.setdefault(chunk, ChunkCopy(key=chain[chunk], slot=entry.slot, block_ids=[],
-                                                      first_page=page, num_pages=entry.num_pages,
-                                                      source_block_ids=[] if held else None))
-            copy.block_ids.append(block_ids[block])
-            if held:
-                copy.source_block_ids.append(held[1][page])
-        self._loads.append(RequestCopies(req_id=request.request_id, chunks=list(copies.values()),
+            copies.append(ChunkCopy(key=chain[chunk], slot=entry.slot, block_ids=block_ids[base + first:base + end],
+                                    first_page=first, num_pages=entry.num_pages,
+                                    source_block_ids=held[1][first:end] if held else None))
+        self._loads.append(RequestCopies(req_id=request.request_id, chunks=copies,
                                          num_tokens=end_token - first_token, total_tokens=request.num_tokens,
                                          sync=not state.load_async))
         self._loading += len(copies)

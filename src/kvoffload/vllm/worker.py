@@ -32,7 +32,7 @@ from kvoffload.config import Settings
 from kvoffload.keys import ModelFingerprint
 from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
-from kvoffload.transfer import CopyBackend, DoneFence, Fence, make_copy_backend
+from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.layout import paged_kv
 from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
@@ -234,7 +234,7 @@ class OffloadWorker:
                 pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
         started = time.perf_counter()
         fence = op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
-                   torch.tensor(pages, dtype=torch.int64)) if block_ids else DoneFence()
+                   torch.tensor(pages, dtype=torch.int64))
         page_bytes = self.kv.num_layers * self.kv.page_bytes
         return _Batch(fence=fence, copies=copies, nbytes=len(block_ids) * page_bytes, started=started,
                       device_bytes=on_device * page_bytes)
