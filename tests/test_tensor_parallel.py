@@ -518,8 +518,8 @@ def test_reports_count_per_rank_until_world_size() -> None:
 def test_same_chunk_loaded_for_two_requests_in_one_step_releases_both_pins() -> None:
     """Each rank reports the chunk twice (once per request): 4 reports = two completed loads at TP=2.
 
-    The first request's load runs with its forward (nothing else in flight); the second, admitted while
-    that load is in flight, is asynchronous and handed back through finished_recving."""
+    ``a`` is still running (never finished), so only one load may hold up its forward: the first one
+    runs with the step's forward, the second is asynchronous and handed back through finished_recving."""
     engine = TPEngine()
     a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
     store_prompt(engine, Request("a", PROMPT), a_blocks)
@@ -537,6 +537,62 @@ def test_same_chunk_loaded_for_two_requests_in_one_step_releases_both_pins() -> 
     for rank in range(2):
         assert torch.equal(engine.pages(rank, list(range(40, 40 + PROMPT_BLOCKS))), engine.pages(rank, a_blocks))
     assert [engine.scheduler.index.get(k).pins for k in keys] == [0] * len(keys), "a load's pin leaked"
+    engine.shutdown()
+
+
+def schedule_many(*requests: tuple[Request, list[int], int, int]) -> SchedulerOutput:
+    """Several new requests in one step: (request, blocks, computed tokens, scheduled tokens) each."""
+    outputs = [schedule_new(*request) for request in requests]
+    return SchedulerOutput(scheduled_new_reqs=[new for out in outputs for new in out.scheduled_new_reqs],
+                           num_scheduled_tokens={k: v for out in outputs for k, v in out.num_scheduled_tokens.items()})
+
+
+def test_loads_run_with_the_step_forward_unless_it_would_stall_running_requests() -> None:
+    """With nothing running, every load of a step runs beside the step's forward (the seed script's second
+    run: each wave of requests is loaded and answered in one step, its blocks free right after); a running
+    request makes the second load asynchronous; so does an asynchronous load still in flight."""
+    engine = TPEngine()
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    a = Request("a", PROMPT)
+    store_prompt(engine, a, a_blocks)
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    engine.step(finished={"a"})  # a's stores are done and its blocks released: nothing runs any more
+    need = len(PROMPT) - 1
+
+    # nothing running: both loads run with this step's forward, nothing is handed back later
+    b, c = Request("b", PROMPT), Request("c", PROMPT)
+    b_blocks, c_blocks = list(range(10, 10 + PROMPT_BLOCKS)), list(range(20, 20 + PROMPT_BLOCKS))
+    for req, blocks in ((b, b_blocks), (c, c_blocks)):
+        assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (need, False)
+        engine.scheduler.update_state_after_alloc(req, Blocks(blocks), need)
+    for cache in engine.caches:
+        cache[:, b_blocks + c_blocks] = float("nan")
+    out = engine.step(schedule_many((b, b_blocks, need, 1), (c, c_blocks, need, 1)))
+    assert out.finished_recving is None, "a synchronous load must not be handed back to vLLM"
+    for rank in range(2):
+        assert torch.equal(engine.pages(rank, b_blocks), engine.pages(rank, a_blocks))
+        assert torch.equal(engine.pages(rank, c_blocks), engine.pages(rank, a_blocks))
+
+    # b and c are running (scheduled, not finished): one more load may hold up their forward, not two
+    d, e = Request("d", PROMPT), Request("e", PROMPT)
+    assert engine.scheduler.get_num_new_matched_tokens(d, 0) == (need, False)
+    engine.scheduler.update_state_after_alloc(d, Blocks(list(range(30, 30 + PROMPT_BLOCKS))), need)
+    assert engine.scheduler.get_num_new_matched_tokens(e, 0) == (need, True)
+    engine.scheduler.update_state_after_alloc(e, Blocks(list(range(40, 40 + PROMPT_BLOCKS))), need)
+
+    # b and c finish before that step: nothing runs, but e's asynchronous load is in flight and a new load
+    # would queue behind it
+    for req, blocks in ((b, b_blocks), (c, c_blocks)):
+        assert engine.scheduler.request_finished(req, blocks) == (False, None)
+    f = Request("f", PROMPT)
+    assert engine.scheduler.get_num_new_matched_tokens(f, 0) == (need, True)
+    engine.scheduler.update_state_after_alloc(f, Blocks(list(range(50, 50 + PROMPT_BLOCKS))), need)
+    out = engine.step(schedule_new(d, list(range(30, 30 + PROMPT_BLOCKS)), need, 1))
+    assert out.finished_recving == {"e", "f"}
+    for req in (d, e, f):
+        engine.scheduler.request_finished(req, [])
+    g = Request("g", PROMPT)
+    assert engine.scheduler.get_num_new_matched_tokens(g, 0) == (need, False), "e and f were handed back"
     engine.shutdown()
 
 

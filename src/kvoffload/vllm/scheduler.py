@@ -20,11 +20,14 @@ finished is loaded in milliseconds, without crossing PCIe and without waiting be
 bytes. It is safe although vLLM may free those blocks one step after this plan (the workers' report can
 overtake it): the copy is queued on the compute stream before anything a later step puts into them.
 
-How a load runs: when no other load is in flight, synchronously, in the step that also runs the
-request's forward, layer by layer (the forward's layer *l* waits only for layer *l*), so the load hides
-behind the forward. When loads are already in flight, asynchronously: vLLM keeps the request aside until
-the workers report its load finished and runs the other requests meanwhile, so no forward ever waits
-behind a queue of loads.
+How a load runs: synchronously, in the step that also runs the request's forward, layer by layer (the
+forward's layer *l* waits only for layer *l*), so the load hides behind the forward; or asynchronously:
+vLLM keeps the request aside until the workers report its load finished and runs the other requests
+meanwhile. Synchronously when nothing would wait for it but requests that need their own loads anyway:
+no request is running (every load of the step then runs with the step's one forward, and the GPU
+blocks are free again right after it, with no step spent waiting for a report), or requests are running
+and it is the only load in flight (their forward waits for one load at most). Asynchronously otherwise,
+and always while an asynchronous load is in flight, so that no forward waits behind a queue of loads.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class OffloadScheduler:
         self._store_ok: Counter = Counter()
         self._load_done: Counter = Counter()
         self._loading = 0  # chunk loads planned and not yet reported done by every worker
+        self._async_loads: set[str] = set()  # requests whose asynchronous load vLLM has not been handed back
+        self._running: set[str] = set()  # requests in a planned step and not finished or preempted since
         self._persist_done: Counter = Counter()
         self._persist_ok: Counter = Counter()
         self._prefetch_ok: Counter = Counter()
@@ -176,7 +181,7 @@ class OffloadScheduler:
             state.hit = None
             return 0, False
         state.hit = (num_computed_tokens, hit_tokens)
-        state.load_async = self._loading > 0
+        state.load_async = bool(self._async_loads) or (self._loading > 0 and bool(self._running))
         first, last = num_computed_tokens // self.chunk_size, math.ceil(hit_tokens / self.chunk_size)
         for key in chain[first:last]:  # hold them until the workers copied them out
             self.index.pin(key)
@@ -300,6 +305,8 @@ class OffloadScheduler:
                                          num_tokens=end_token - first_token, total_tokens=request.num_tokens,
                                          sync=not state.load_async))
         self._loading += len(copies)
+        if state.load_async:
+            self._async_loads.add(request.request_id)
         state.pinned = []  # the load owns the pins now; released when every worker reports it loaded
 
     def _release(self, state: _Request) -> None:
@@ -312,7 +319,9 @@ class OffloadScheduler:
     def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
         plan = StepPlan(slot_bytes=self.slot_bytes, loads=self._loads, prefetches=self._prefetches)
         self._loads, self._prefetches = [], []
+        self._running.update(scheduler_output.num_scheduled_tokens)
         for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self._running.discard(req_id)
             state = self._requests.get(req_id)
             if state is not None:
                 state.block_ids = []
@@ -403,6 +412,7 @@ class OffloadScheduler:
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Keep the request's blocks until the workers finished copying out of them (``finished_sending``)."""
+        self._running.discard(request.request_id)
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, None
@@ -416,6 +426,7 @@ class OffloadScheduler:
         return state.stored_any, None
 
     def update_connector_output(self, connector_output: Any) -> None:
+        self._async_loads.difference_update(getattr(connector_output, "finished_recving", None) or ())
         for req_id in getattr(connector_output, "finished_sending", None) or ():  # vLLM frees their blocks now
             for key in self._held_keys.pop(req_id, ()):
                 if self._held.get(key, (None,))[0] == req_id:
