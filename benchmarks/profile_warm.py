@@ -2,7 +2,8 @@
 
 Runs kvoffload with a tracing subclass of the connector (every scheduler- and worker-side call is stamped
 with ``time.perf_counter``, a system-wide monotonic clock on Linux, so the engine's process and this one
-share it), then prints, relative to the moment ``generate`` was called:
+share it; stamps named ``gpu: …`` are CUDA events, placed when the GPU got there), then prints, relative to
+the moment ``generate`` was called:
 
 * ``twice``: the second of two identical 15,000-token prompts (the warm TTFT of the issue),
 * ``paused``: the same with a second's pause in between, so the first one's stores are over,
@@ -24,13 +25,48 @@ from typing import Any
 from kvoffload.vllm.connector import KVOffloadConnector
 
 
-def _stamp(event: str, detail: str = "") -> None:
+def _stamp(event: str, detail: str = "", at: float | None = None) -> None:
     with open(os.environ["KVO_TRACE"], "a") as trace:
-        trace.write(f"{time.perf_counter():.6f}\t{event}\t{detail}\n")
+        trace.write(f"{time.perf_counter() if at is None else at:.6f}\t{event}\t{detail}\n")
+
+
+class _GpuClock:
+    """Stamps for moments on the GPU: a CUDA event recorded on a stream, put on the host clock once it has
+    completed (its time after a reference event whose host time is known), so the trace shows when the GPU
+    got there, not when the CPU queued it."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.ref = torch.cuda.Event(enable_timing=True)
+        self.ref.record()
+        self.ref.synchronize()
+        self.ref_host = time.perf_counter()
+        self.pending: list[tuple[Any, str, str]] = []
+
+    def mark(self, event: str, detail: str = "", stream: Any = None) -> None:
+        import torch
+
+        cuda_event = torch.cuda.Event(enable_timing=True)
+        cuda_event.record(stream)
+        self.pending.append((cuda_event, event, detail))
+
+    def flush(self) -> None:
+        while self.pending and self.pending[0][0].query():
+            cuda_event, event, detail = self.pending.pop(0)
+            _stamp(event, detail, self.ref_host + self.ref.elapsed_time(cuda_event) / 1e3)
 
 
 class TracingConnector(KVOffloadConnector):
     """The real connector, each call stamped (only calls that carry work, to keep the trace readable)."""
+
+    _gpu: _GpuClock | None = None
+
+    def _gpu_mark(self, event: str, detail: str = "", stream: Any = None) -> None:
+        if self._gpu is None:
+            self._gpu = _GpuClock()
+        self._gpu.mark(event, detail, stream)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         answer = super().get_num_new_matched_tokens(request, num_computed_tokens)
@@ -55,15 +91,23 @@ class TracingConnector(KVOffloadConnector):
         super().start_load_kv(forward_context, **kwargs)
         if plan is not None and plan.loads:
             _stamp("loads issued", ",".join(c.req_id for c in plan.loads))
+            backend = self._worker.backend if self._worker is not None else None
+            load_stream = getattr(getattr(backend, "_load", None), "kernel", None)
+            if load_stream is not None:  # the CUDA path: when the GPU is done with every load queued so far
+                self._gpu_mark("gpu: loads in", ",".join(c.req_id for c in plan.loads), load_stream)
 
     def wait_for_save(self) -> None:
         plan = self._bound_plan()
+        if plan is not None:
+            self._gpu_mark("gpu: forward done")
         super().wait_for_save()
         if plan is not None and plan.stores:
             _stamp("stores issued", f"{sum(len(s.chunks) for s in plan.stores)} chunks")
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sending, recving = super().get_finished(finished_req_ids)
+        if self._gpu is not None:
+            self._gpu.flush()
         if sending or recving:
             _stamp("finished", f"sending={sorted(sending or ())} recving={sorted(recving or ())}")
         return sending, recving
@@ -103,7 +147,7 @@ def main() -> None:
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         end = time.perf_counter()
         print(f"\n== {name}: {1e3 * (end - start):.1f} ms")
-        for line in trace.read_text().splitlines():
+        for line in sorted(trace.read_text().splitlines()):  # GPU stamps are written once they completed
             stamp, event, detail = line.split("\t")
             print(f"{1e3 * (float(stamp) - start):8.1f} ms  {event:<16} {detail}")
 

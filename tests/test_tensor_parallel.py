@@ -83,6 +83,8 @@ class Request:
     cache_salt: str | None = None
     lora_request: Any = None
     mm_features: list = field(default_factory=list)
+    max_tokens: int | None = None  # None: as if vLLM's scheduler state were unknown (always computing)
+    num_computed_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -550,7 +552,8 @@ def schedule_many(*requests: tuple[Request, list[int], int, int]) -> SchedulerOu
 def test_loads_run_with_the_step_forward_unless_it_would_stall_running_requests() -> None:
     """With nothing running, every load of a step runs beside the step's forward (the seed script's second
     run: each wave of requests is loaded and answered in one step, its blocks free right after); a running
-    request makes the second load asynchronous; so does an asynchronous load still in flight."""
+    request with tokens left to compute makes the second load asynchronous; so does an asynchronous load
+    still in flight."""
     engine = TPEngine()
     a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
     a = Request("a", PROMPT)
@@ -591,8 +594,17 @@ def test_loads_run_with_the_step_forward_unless_it_would_stall_running_requests(
     assert out.finished_recving == {"e", "f"}
     for req in (d, e, f):
         engine.scheduler.request_finished(req, [])
-    g = Request("g", PROMPT)
+    # g runs its one-token forward; vLLM plans the next step before g's output comes back (async
+    # scheduling), so g is still running then, but it has no token left to compute and holds up no one
+    g = Request("g", PROMPT, max_tokens=1)
     assert engine.scheduler.get_num_new_matched_tokens(g, 0) == (need, False), "e and f were handed back"
+    engine.scheduler.update_state_after_alloc(g, Blocks(list(range(10, 10 + PROMPT_BLOCKS))), need)
+    engine.step(schedule_new(g, list(range(10, 10 + PROMPT_BLOCKS)), need, 1))
+    g.num_computed_tokens = len(PROMPT)
+    for req_id, first in (("h", 20), ("i", 30)):
+        assert engine.scheduler.get_num_new_matched_tokens(Request(req_id, PROMPT), 0) == (need, False)
+        engine.scheduler.update_state_after_alloc(Request(req_id, PROMPT),
+                                                  Blocks(list(range(first, first + PROMPT_BLOCKS))), need)
     engine.shutdown()
 
 

@@ -24,9 +24,9 @@ How a load runs: synchronously, in the step that also runs the request's forward
 forward's layer *l* waits only for layer *l*), so the load hides behind the forward; or asynchronously:
 vLLM keeps the request aside until the workers report its load finished and runs the other requests
 meanwhile. Synchronously when nothing would wait for it but requests that need their own loads anyway:
-no request is running (every load of the step then runs with the step's one forward, and the GPU
-blocks are free again right after it, with no step spent waiting for a report), or requests are running
-and it is the only load in flight (their forward waits for one load at most). Asynchronously otherwise,
+no running request has tokens left to compute (every load of the step then runs with the step's one
+forward, and the GPU blocks are free again right after it, with no step spent waiting for a report), or
+it is the only load in flight (the running requests' forward waits for one load at most). Asynchronously otherwise,
 and always while an asynchronous load is in flight, so that no forward waits behind a queue of loads.
 """
 
@@ -181,13 +181,27 @@ class OffloadScheduler:
             state.hit = None
             return 0, False
         state.hit = (num_computed_tokens, hit_tokens)
-        state.load_async = bool(self._async_loads) or (self._loading > 0 and bool(self._running))
+        state.load_async = bool(self._async_loads) or (
+            self._loading > 0 and any(self._will_compute(req_id) for req_id in self._running))
         first, last = num_computed_tokens // self.chunk_size, math.ceil(hit_tokens / self.chunk_size)
         for key in chain[first:last]:  # hold them until the workers copied them out
             self.index.pin(key)
             self.index.touch(key)
             state.pinned.append(key)
         return need, state.load_async
+
+    def _will_compute(self, req_id: str) -> bool:
+        """Whether a running request has tokens left to compute (a synchronous load would hold up its forward).
+
+        With async scheduling vLLM plans a step before the previous step's outputs come back, so a request
+        that was just given its last token is still running then; vLLM does not schedule it again, and it
+        holds up no one. Unknown requests count as computing."""
+        state = self._requests.get(req_id)
+        request = state.request if state is not None else None
+        max_tokens = getattr(request, "max_tokens", None)
+        if max_tokens is None:
+            return True
+        return request.num_computed_tokens + 1 < request.num_prompt_tokens + max_tokens
 
     def _loadable(self, key: bytes) -> Entry | None:
         """The chunk's entry if a load may be planned from it: READY, or STORING (see the module docstring)."""
