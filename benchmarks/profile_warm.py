@@ -7,7 +7,8 @@ the moment ``generate`` was called:
 
 * ``twice``: the second of two identical 15,000-token prompts (the warm TTFT of the issue),
 * ``paused``: the same with a second's pause in between, so the first one's stores are over,
-* ``seed``: the second run of the seed script (10 prompts x 10,000 tokens, all loaded).
+* ``seed``: the second run of the seed script (10 prompts x 10,000 tokens, all loaded),
+* ``seed_paused``: the same with a pause of two seconds after the first run, so its stores are over.
 
 Usage (on the GPU machine): python benchmarks/profile_warm.py [--arch qwen3-8b] [--scenarios twice,seed]
 """
@@ -96,8 +97,17 @@ class TracingConnector(KVOffloadConnector):
             if load_stream is not None:  # the CUDA path: when the GPU is done with every load queued so far
                 self._gpu_mark("gpu: loads in", ",".join(c.req_id for c in plan.loads), load_stream)
 
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        super().wait_for_layer_load(layer_name)
+        layers = self._worker._layer_index if self._worker is not None else {}
+        if layers.get(layer_name) in (0, len(layers) - 1):  # when the CPU gets there, and the GPU
+            _stamp("cpu: attention", f"layer {layers[layer_name]}")
+            self._gpu_mark("gpu: attention", f"layer {layers[layer_name]}")
+
     def wait_for_save(self) -> None:
         plan = self._bound_plan()
+        if plan is not None:
+            _stamp("cpu: forward done")
         if plan is not None:
             self._gpu_mark("gpu: forward done")
         super().wait_for_save()
@@ -167,6 +177,11 @@ def main() -> None:
         prompts = seed_prompts()
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         traced("seed, run 2", prompts)
+    if "seed_paused" in scenarios:  # the same once run 1's stores are over
+        prompts = seed_prompts(variant=1)
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        time.sleep(2.0)
+        traced("seed, run 2 after a pause", prompts)
 
 
 if __name__ == "__main__":
