@@ -132,12 +132,12 @@ def test_benchmark_plot_from_measured_results(tmp_path):
     assert all((out / name).stat().st_size > 10_000 for name in pngs)
     text = (out / "results.md").read_text()
     assert "SAMPLE" not in text
-    for fact in ("2026-11-24", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
-                 "| kvoffload | 2.584 | 0.516 | 5.0x | 0.460 | 0.054 |", "| vLLM native | 2.659 | 0.551 | 4.8x |",
-                 "| kvoffload + disk | 2.626 | 0.463 | 5.7x | 0.456 | 0.055 |",
-                 "| kvoffload | 0.040 | 0.075 | 20.76 | 0.047 | 0.080 | 20.41 |",
-                 "| kvoffload | 2.654 | 0.422 | 6.3x | 0.434 | 0.037 |",
-                 "| kvoffload | 2.681, 2.584, 2.572 | 0.516, 0.562, 0.452 | 0.456, 0.463, 0.460 | 0.054, 0.044, 0.070 |",
+    for fact in ("2026-11-25", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
+                 "| kvoffload | 2.614 | 0.393 | 6.6x | 0.460 | 0.055 |", "| vLLM native | 2.682 | 0.519 | 5.2x |",
+                 "| kvoffload + disk | 2.600 | 0.377 | 6.9x | 0.450 | 0.056 |",
+                 "| kvoffload | 0.052 | 0.079 | 17.66 | 0.054 | 0.079 | 19.04 |",
+                 "| kvoffload | 2.493 | 0.305 | 8.2x | 0.425 | 0.037 |",
+                 "| kvoffload | 2.642, 2.598, 2.614 | 0.408, 0.377, 0.393 | 0.460, 0.460, 0.461 | 0.062, 0.052, 0.055 |",
                  "| Qwen3-8B | load | 51.8 | 43.7 | 40.3 | 16.6 | 55.0 | 94.2% | yes |",
                  "Qwen3-8B 550 GB/s (byte-exact: yes)",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
