@@ -26,8 +26,9 @@ vLLM keeps the request aside until the workers report its load finished and runs
 meanwhile. Synchronously when nothing would wait for it but requests that need their own loads anyway:
 no running request has tokens left to compute (every load of the step then runs with the step's one
 forward, and the GPU blocks are free again right after it, with no step spent waiting for a report), or
-it is the only load in flight (the running requests' forward waits for one load at most). Asynchronously otherwise,
-and always while an asynchronous load is in flight, so that no forward waits behind a queue of loads.
+no other load is in flight (the running requests' forward waits for one load at most). Asynchronously
+otherwise, and always while an asynchronous load is in flight, so that no forward waits behind a queue
+of loads.
 """
 
 from __future__ import annotations
