@@ -108,7 +108,6 @@ class TracingConnector(KVOffloadConnector):
         plan = self._bound_plan()
         if plan is not None:
             _stamp("cpu: forward done")
-        if plan is not None:
             self._gpu_mark("gpu: forward done")
         super().wait_for_save()
         if plan is not None and plan.stores:

@@ -601,10 +601,9 @@ def test_loads_run_with_the_step_forward_unless_it_would_stall_running_requests(
     engine.scheduler.update_state_after_alloc(g, Blocks(list(range(10, 10 + PROMPT_BLOCKS))), need)
     engine.step(schedule_new(g, list(range(10, 10 + PROMPT_BLOCKS)), need, 1))
     g.num_computed_tokens = len(PROMPT)
-    for req_id, first in (("h", 20), ("i", 30)):
-        assert engine.scheduler.get_num_new_matched_tokens(Request(req_id, PROMPT), 0) == (need, False)
-        engine.scheduler.update_state_after_alloc(Request(req_id, PROMPT),
-                                                  Blocks(list(range(first, first + PROMPT_BLOCKS))), need)
+    for req, first in ((Request("h", PROMPT), 20), (Request("i", PROMPT), 30)):
+        assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (need, False)
+        engine.scheduler.update_state_after_alloc(req, Blocks(list(range(first, first + PROMPT_BLOCKS))), need)
     engine.shutdown()
 
 
