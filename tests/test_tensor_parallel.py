@@ -60,10 +60,11 @@ PROMPT = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a 10-tok
 PROMPT_BLOCKS = -(-len(PROMPT) // BLOCK)
 
 
-def vllm_config(world_size: int, device_type: str = "cpu") -> Any:
+def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: bool = True) -> Any:
     return SimpleNamespace(
         parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
                                         pipeline_parallel_size=1),
+        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
         model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None),
         device_config=SimpleNamespace(device_type=device_type))
 
@@ -151,11 +152,11 @@ class GatedFence(Fence):
 class TPEngine:
     """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
 
-    def __init__(self, world_size: int = 2, device: str = "cpu", **extra: Any) -> None:
+    def __init__(self, world_size: int = 2, device: str = "cpu", async_scheduling: bool = True, **extra: Any) -> None:
         """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path)."""
         settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
                                   / 1e9, **extra}, environ={})
-        config, kv_config = vllm_config(world_size, device), kv_cache_config()
+        config, kv_config = vllm_config(world_size, device, async_scheduling), kv_cache_config()
         self.scheduler = OffloadScheduler(config, kv_config, settings)
         self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
         self.caches: list[torch.Tensor] = []
@@ -604,6 +605,46 @@ def test_loads_run_with_the_step_forward_unless_it_would_stall_running_requests(
     for req, first in ((Request("h", PROMPT), 20), (Request("i", PROMPT), 30)):
         assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (need, False)
         engine.scheduler.update_state_after_alloc(req, Blocks(list(range(first, first + PROMPT_BLOCKS))), need)
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_one_step_loads_into_at_most_half_the_cache_while_vllm_plans_ahead(async_scheduling: bool) -> None:
+    """With async scheduling the next step is planned while this one runs; its loads can queue behind this
+    step's only if this step left it free blocks. Five loads of 7 blocks each with a 64-block cache: four
+    in the first step, the fifth asked back and loaded (right bytes) in the next. Without async
+    scheduling nothing is planned ahead: all five in one step."""
+    engine = TPEngine(async_scheduling=async_scheduling)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    a = Request("a", PROMPT)
+    store_prompt(engine, a, a_blocks)
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    engine.step(finished={"a"})
+    need = len(PROMPT) - 1
+    requests = [(Request(name, PROMPT, max_tokens=1), list(range(first, first + PROMPT_BLOCKS)))
+                for name, first in (("b", 8), ("c", 15), ("d", 22), ("e", 29), ("f", 36))]
+    for cache in engine.caches:
+        cache[:, 8:43] = float("nan")
+    answers = [engine.scheduler.get_num_new_matched_tokens(req, 0) for req, _ in requests[:4]]
+    for req, blocks in requests[:4]:
+        engine.scheduler.update_state_after_alloc(req, Blocks(blocks), need)
+    assert answers == [(need, False)] * 4
+    f, f_blocks = requests[4]
+    if async_scheduling:
+        assert engine.scheduler.get_num_new_matched_tokens(f, 0) == (None, False), "35 of 64 blocks in one step"
+        engine.step(schedule_many(*((req, blocks, need, 1) for req, blocks in requests[:4])))
+        assert engine.scheduler.get_num_new_matched_tokens(f, 0) == (need, False)
+        engine.scheduler.update_state_after_alloc(f, Blocks(f_blocks), need)
+        engine.step(schedule_new(f, f_blocks, need, 1))
+    else:
+        assert engine.scheduler.get_num_new_matched_tokens(f, 0) == (need, False)
+        engine.scheduler.update_state_after_alloc(f, Blocks(f_blocks), need)
+        engine.step(schedule_many(*((req, blocks, need, 1) for req, blocks in requests)))
+    for rank in range(2):
+        for _, blocks in requests:
+            assert torch.equal(engine.pages(rank, blocks), engine.pages(rank, a_blocks))
+    wait_idle(engine)
+    assert all(engine.scheduler.index.get(key).pins == 0 for key in engine.keys(a)), "a load's pin leaked"
     engine.shutdown()
 
 

@@ -29,6 +29,13 @@ forward, and the GPU blocks are free again right after it, with no step spent wa
 no other load is in flight (the running requests' forward waits for one load at most). Asynchronously
 otherwise, and always while an asynchronous load is in flight, so that no forward waits behind a queue
 of loads.
+
+How much one step loads: with asynchronous scheduling vLLM plans step *N+1* while step *N* runs, so the loads
+it admits then queue right behind step *N*'s on the copy engine, which stays busy across the step boundary.
+That needs free GPU blocks while step *N*'s loads hold theirs: the loads admitted in one step take at most
+half of vLLM's blocks (the first load of a step is admitted whatever its size); a request beyond that is
+asked back the next step. Without it a burst of long cached prompts is loaded in waves that fill the whole
+cache, and the copy engine idles at every wave's end while vLLM frees, schedules and prepares the next one.
 """
 
 from __future__ import annotations
@@ -119,6 +126,10 @@ class OffloadScheduler:
         self._loading = 0  # chunk loads planned and not yet reported done by every worker
         self._async_loads: set[str] = set()  # requests whose asynchronous load vLLM has not been handed back
         self._running: set[str] = set()  # requests in a planned step and not finished or preempted since
+        # Blocks the loads admitted since the last plan fill, and their cap (see the module docstring).
+        self._step_load_blocks = 0
+        self._step_load_cap = kv_cache_config.num_blocks // 2 if vllm_config.scheduler_config.async_scheduling \
+            else None
         self._persist_done: Counter = Counter()
         self._persist_ok: Counter = Counter()
         self._prefetch_ok: Counter = Counter()
@@ -181,6 +192,8 @@ class OffloadScheduler:
         if need == 0:
             state.hit = None
             return 0, False
+        if not self._fits_this_step(num_computed_tokens, hit_tokens):
+            return None, False
         state.hit = (num_computed_tokens, hit_tokens)
         state.load_async = bool(self._async_loads) or (
             self._loading > 0 and any(self._will_compute(req_id) for req_id in self._running))
@@ -190,6 +203,15 @@ class OffloadScheduler:
             self.index.touch(key)
             state.pinned.append(key)
         return need, state.load_async
+
+    def _load_blocks(self, first_token: int, end_token: int) -> int:
+        return math.ceil(end_token / self.block_size) - first_token // self.block_size
+
+    def _fits_this_step(self, first_token: int, end_token: int) -> bool:
+        """Whether a load of these tokens may join this step's (see the module docstring)."""
+        if self._step_load_cap is None or not self._step_load_blocks:
+            return True
+        return self._step_load_blocks + self._load_blocks(first_token, end_token) <= self._step_load_cap
 
     def _will_compute(self, req_id: str) -> bool:
         """Whether a running request has tokens left to compute (a synchronous load would hold up its forward).
@@ -320,6 +342,7 @@ class OffloadScheduler:
                                          num_tokens=end_token - first_token, total_tokens=request.num_tokens,
                                          sync=not state.load_async))
         self._loading += len(copies)
+        self._step_load_blocks += self._load_blocks(first_token, end_token)
         if state.load_async:
             self._async_loads.add(request.request_id)
         state.pinned = []  # the load owns the pins now; released when every worker reports it loaded
@@ -334,6 +357,7 @@ class OffloadScheduler:
     def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
         plan = StepPlan(slot_bytes=self.slot_bytes, loads=self._loads, prefetches=self._prefetches)
         self._loads, self._prefetches = [], []
+        self._step_load_blocks = 0
         self._running.update(scheduler_output.num_scheduled_tokens)
         for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self._running.discard(req_id)
