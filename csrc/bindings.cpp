@@ -3,10 +3,12 @@
 // shapes and ranges and passes raw addresses, sizes and stream handles; this file only forwards them and
 // turns CUDA errors into exceptions.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kv_copy.h"
 
@@ -38,6 +40,36 @@ void copy_runs(uint64_t staging, uint64_t pool, uint64_t runs, int64_t num_runs,
         "kvoffload copy_runs");
 }
 
+std::vector<cudaEvent_t> events(const std::vector<uint64_t>& handles) {
+  std::vector<cudaEvent_t> out;
+  out.reserve(handles.size());
+  for (uint64_t handle : handles) out.push_back(ptr<CUevent_st>(handle));
+  return out;
+}
+
+int load_pieces(uint64_t layer_base, uint64_t block_stride, int32_t num_layers, int64_t page_bytes, uint64_t entries,
+                uint64_t pool, int64_t pages_per_slot, uint64_t pieces, int64_t num_pieces, uint64_t runs,
+                const std::vector<uint64_t>& layer_done, uint64_t staging, int64_t buffer_bytes, int next,
+                const std::vector<uint64_t>& free, uint64_t ready, int vec_bytes, int max_ctas, uint64_t kernel_stream,
+                uint64_t dma_stream) {
+  const KvoPagedCache cache{ptr<const int64_t>(layer_base), ptr<const int64_t>(block_stride), num_layers,
+                            page_bytes};
+  std::vector<cudaEvent_t> free_events = events(free), layer_events = events(layer_done);
+  if (!layer_events.empty() && layer_events.size() != static_cast<size_t>(num_layers)) {
+    throw std::invalid_argument("kvoffload load_pieces: one layer_done event per layer, or none");
+  }
+  if (free_events.empty() || next < 0 || next >= static_cast<int>(free_events.size())) {
+    throw std::invalid_argument("kvoffload load_pieces: next must index one of the ring's free events");
+  }
+  KvoRing ring{ptr<char>(staging), buffer_bytes, static_cast<int32_t>(free_events.size()), next, free_events.data(),
+               ptr<CUevent_st>(ready), ptr<CUstream_st>(kernel_stream), ptr<CUstream_st>(dma_stream)};
+  check(kvo_load_pieces(cache, ptr<const int64_t>(entries), ptr<char>(pool), pages_per_slot,
+                        ptr<const int64_t>(pieces), num_pieces, ptr<const int64_t>(runs),
+                        layer_events.empty() ? nullptr : layer_events.data(), &ring, vec_bytes, max_ctas),
+        "kvoffload load_pieces");
+  return ring.next;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -51,4 +83,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pool"), py::arg("runs"), py::arg("num_runs"), py::arg("num_layers"), py::arg("run_layers"),
         py::arg("pages_per_slot"),
         py::arg("page_bytes"), py::arg("to_host"), py::arg("stream"));
+  m.def("load_pieces", &load_pieces,
+        "Load pieces from the pool through the staging ring (layer by layer when layer_done is given); returns "
+        "the ring buffer the next piece takes.",
+        py::arg("layer_base"), py::arg("block_stride"), py::arg("num_layers"), py::arg("page_bytes"),
+        py::arg("entries"), py::arg("pool"), py::arg("pages_per_slot"), py::arg("pieces"), py::arg("num_pieces"),
+        py::arg("runs"), py::arg("layer_done"), py::arg("staging"), py::arg("buffer_bytes"), py::arg("next"),
+        py::arg("free"), py::arg("ready"), py::arg("vec_bytes"), py::arg("max_ctas"), py::arg("kernel_stream"),
+        py::arg("dma_stream"));
 }

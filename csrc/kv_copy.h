@@ -36,6 +36,33 @@ cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_
                           int32_t run_layers, int64_t pages_per_slot, int64_t page_bytes, int to_host,
                           cudaStream_t stream);
 
+// The staging ring of a load: `ring` device buffers of buffer_bytes each, back to back from `staging`. The DMA
+// stream fills them, the kernel stream scatters them; free[k] (recorded on the kernel stream after the last
+// scatter of buffer k) and ready (recorded on the DMA stream after each fill) hand them over. `next` is the
+// buffer the next piece takes; kvo_load_pieces advances it.
+typedef struct {
+  char* staging;
+  int64_t buffer_bytes;
+  int32_t ring;
+  int32_t next;
+  cudaEvent_t* free;
+  cudaEvent_t ready;
+  cudaStream_t kernel;
+  cudaStream_t dma;
+} KvoRing;
+
+// Loads pieces of a copy plan from the pinned pool into the cache through the ring: per piece, the DMA of its
+// runs into the next buffer (once the scatter that last read that buffer is done), then the scatter of its
+// entries (once the DMA is in). `pieces` (host) holds four int64 per piece: first entry, number of entries,
+// first run and number of runs in `runs` (host, as in kvo_copy_runs). With layer_done NULL every piece moves
+// every layer. Otherwise the plan was made for one layer (entries and runs of a single layer) and the load
+// goes layer by layer: every piece's layer l, then layer_done[l] is recorded on the kernel stream, so a
+// forward can wait for exactly the layers it reads. One call issues the whole load: from Python, the same
+// calls cost tens of microseconds each, milliseconds per load, all before the first byte moves.
+cudaError_t kvo_load_pieces(KvoPagedCache cache, const int64_t* entries, char* pool, int64_t pages_per_slot,
+                            const int64_t* pieces, int64_t num_pieces, const int64_t* runs, cudaEvent_t* layer_done,
+                            KvoRing* ring, int vec_bytes, int max_ctas);
+
 #ifdef __cplusplus
 }
 #endif

@@ -172,3 +172,50 @@ extern "C" cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* r
   return copy_each(staging, pool, rest.data(), left, num_layers, run_layers, pages_per_slot, page_bytes, to_host,
                    stream);
 }
+
+// One piece (or one layer of it) through the next ring buffer: DMA in, then scatter.
+static cudaError_t load_piece(KvoPagedCache cache, const int64_t* entries, char* pool, int64_t pages_per_slot,
+                              int32_t pool_layers, const int64_t* piece, const int64_t* runs, KvoRing* ring,
+                              int vec_bytes, int max_ctas) {
+  const int32_t index = ring->next;
+  ring->next = (index + 1) % ring->ring;
+  char* buffer = ring->staging + static_cast<int64_t>(index) * ring->buffer_bytes;
+  cudaError_t err = cudaStreamWaitEvent(ring->dma, ring->free[index], 0);
+  if (err == cudaSuccess) {
+    err = kvo_copy_runs(buffer, pool, runs + 4 * piece[2], piece[3], pool_layers, cache.num_layers, pages_per_slot,
+                        cache.page_bytes, 0, ring->dma);
+  }
+  if (err == cudaSuccess) err = cudaEventRecord(ring->ready, ring->dma);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(ring->kernel, ring->ready, 0);
+  if (err == cudaSuccess) {
+    err = kvo_copy_pages(cache, entries, piece[0], piece[1], buffer, 0, vec_bytes, max_ctas, ring->kernel);
+  }
+  if (err == cudaSuccess) err = cudaEventRecord(ring->free[index], ring->kernel);
+  return err;
+}
+
+extern "C" cudaError_t kvo_load_pieces(KvoPagedCache cache, const int64_t* entries, char* pool,
+                                       int64_t pages_per_slot, const int64_t* pieces, int64_t num_pieces,
+                                       const int64_t* runs, cudaEvent_t* layer_done, KvoRing* ring, int vec_bytes,
+                                       int max_ctas) {
+  if (layer_done == nullptr) {
+    for (int64_t p = 0; p < num_pieces; ++p) {
+      const cudaError_t err = load_piece(cache, entries, pool, pages_per_slot, cache.num_layers, pieces + 4 * p,
+                                         runs, ring, vec_bytes, max_ctas);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
+  const int64_t layer_bytes = pages_per_slot * cache.page_bytes;  // one layer of a pool slot
+  for (int32_t layer = 0; layer < cache.num_layers; ++layer) {
+    const KvoPagedCache one{cache.layer_base + layer, cache.block_stride + layer, 1, cache.page_bytes};
+    for (int64_t p = 0; p < num_pieces; ++p) {
+      const cudaError_t err = load_piece(one, entries, pool + layer * layer_bytes, pages_per_slot, cache.num_layers,
+                                         pieces + 4 * p, runs, ring, vec_bytes, max_ctas);
+      if (err != cudaSuccess) return err;
+    }
+    const cudaError_t err = cudaEventRecord(layer_done[layer], ring->kernel);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}

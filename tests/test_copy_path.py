@@ -190,18 +190,18 @@ def emulate_cuda_path(kv: PagedKV, pool: torch.Tensor, ids: torch.Tensor, slots:
                       per_piece: int, store: bool) -> None:
     """Do what ``kvo_copy_pages`` and ``kvo_copy_runs`` do (see csrc/kv_copy.h), one piece at a time."""
     layers, page_bytes = kv.num_layers, kv.page_bytes
-    entries, pieces = plan_copy(ids, slots, pages, layers, page_bytes, per_piece)
-    assert entries.shape == (len(ids), 3)
-    assert sum(p.count for p in pieces) == len(ids)
+    plan = plan_copy(ids, slots, pages, layers, page_bytes, per_piece)
+    assert plan.entries.shape == (len(ids), 3)
+    assert plan.pieces[:, 1].sum() == len(ids) and plan.pieces[:, 3].sum() == len(plan.runs)
     staging = torch.full((per_piece * layers * page_bytes,), POISON, dtype=torch.uint8)
-    for piece in pieces:
+    for first, count, first_run, num_runs in plan.pieces.tolist():
         region = [(int(b), int(off) + l * int(pitch), l)
-                  for b, off, pitch in entries[piece.first:piece.first + piece.count].tolist() for l in range(layers)]
+                  for b, off, pitch in plan.entries[first:first + count].tolist() for l in range(layers)]
         assert all(0 <= at and at + page_bytes <= len(staging) for _, at, _ in region)
         if store:  # gather kernel
             for block, at, layer in region:
                 staging[at:at + page_bytes] = kv.layers[layer][block]
-        for offset, slot, first_page, length in piece.runs.tolist():  # one DMA per run
+        for offset, slot, first_page, length in plan.runs[first_run:first_run + num_runs].tolist():  # a DMA each
             assert offset + layers * length * page_bytes <= len(staging)
             dev = staging[offset:offset + layers * length * page_bytes].view(layers, length, page_bytes)
             if store:
@@ -236,8 +236,8 @@ def test_whole_slot_runs_stay_whole() -> None:
     """Chunk-aligned lists must cross PCIe as one DMA per slot (the fast, 1-D case in kvo_copy_runs)."""
     ids = torch.randperm(64)[:32]
     slots = torch.arange(2).repeat_interleave(16)
-    _, pieces = plan_copy(ids, slots, torch.arange(16).repeat(2), 36, 32768, piece_entries(36, 32768, 16))
-    assert [length for p in pieces for length in p.runs[:, 3].tolist()] == [16, 16]
+    plan = plan_copy(ids, slots, torch.arange(16).repeat(2), 36, 32768, piece_entries(36, 32768, 16))
+    assert plan.runs[:, 3].tolist() == [16, 16]
     assert piece_entries(36, 32768, 16) * 36 * 32768 <= PIECE_BYTES
     assert piece_entries(36, 65536, 16) == 16  # Qwen3-8B: one 36 MiB chunk per piece
     assert piece_entries(80, 65536, 16) == 12  # a slot larger than a piece: runs split, pieces stay bounded
