@@ -89,6 +89,7 @@ class TracingConnector(KVOffloadConnector):
         plan = self._bound_plan()
         if plan is not None and plan.loads:
             _stamp("loads planned", f"{sum(len(c.chunks) for c in plan.loads)} chunks")
+            self._gpu_mark("gpu: step inputs in")  # what vLLM queued on the compute stream before the loads
         super().start_load_kv(forward_context, **kwargs)
         if plan is not None and plan.loads:
             _stamp("loads issued", ",".join(c.req_id for c in plan.loads))
