@@ -133,11 +133,11 @@ def test_benchmark_plot_from_measured_results(tmp_path):
     text = (out / "results.md").read_text()
     assert "SAMPLE" not in text
     for fact in ("2026-11-25", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
-                 "| kvoffload | 2.614 | 0.393 | 6.6x | 0.460 | 0.055 |", "| vLLM native | 2.682 | 0.519 | 5.2x |",
-                 "| kvoffload + disk | 2.600 | 0.377 | 6.9x | 0.450 | 0.056 |",
-                 "| kvoffload | 0.052 | 0.079 | 17.66 | 0.054 | 0.079 | 19.04 |",
-                 "| kvoffload | 2.493 | 0.305 | 8.2x | 0.425 | 0.037 |",
-                 "| kvoffload | 2.642, 2.598, 2.614 | 0.408, 0.377, 0.393 | 0.460, 0.460, 0.461 | 0.062, 0.052, 0.055 |",
+                 "| kvoffload | 2.574 | 0.422 | 6.1x | 0.457 | 0.049 |", "| vLLM native | 2.672 | 0.575 | 4.6x |",
+                 "| kvoffload + disk | 2.614 | 0.375 | 7.0x | 0.455 | 0.087 |",
+                 "| kvoffload | 0.049 | 0.078 | 18.18 | 0.060 | 0.137 | 15.35 |",
+                 "| kvoffload | 2.629 | 0.313 | 8.4x | 0.428 | 0.043 |",
+                 "| kvoffload | 2.683, 2.574, 2.560 | 0.432, 0.422, 0.352 | 0.460, 0.457, 0.454 | 0.045, 0.050, 0.049 |",
                  "| Qwen3-8B | load | 51.8 | 43.7 | 40.3 | 16.6 | 55.0 | 94.2% | yes |",
                  "Qwen3-8B 550 GB/s (byte-exact: yes)",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
