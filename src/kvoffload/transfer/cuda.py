@@ -270,8 +270,8 @@ class CudaCopyBackend(CopyBackend):
                 for event in _pending(self._loaded_from, piece_slots):
                     pipe.dma.wait_event(event)
                 self._ext.copy_runs(buffer.data_ptr(), self.pool.data_ptr(), plan.runs[first_run].data_ptr(), num_runs,
-                                    num_layers,
-                                    num_layers, self.pages_per_slot, self.kv.page_bytes, True, pipe.dma.cuda_stream)
+                                    num_layers, num_layers, self.pages_per_slot, self.kv.page_bytes, True,
+                                    pipe.dma.cuda_stream)
                 pipe.free[index].record(pipe.dma)
                 # per piece (a piece is one chunk or less): a load of this chunk follows it on the wire
                 # while later chunks of the same store are still being copied out

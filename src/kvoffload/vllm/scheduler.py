@@ -126,8 +126,7 @@ class OffloadScheduler:
         self._loading = 0  # chunk loads planned and not yet reported done by every worker
         self._async_loads: set[str] = set()  # requests whose asynchronous load vLLM has not been handed back
         self._running: set[str] = set()  # requests in a planned step and not finished or preempted since
-        # Blocks the loads admitted since the last plan fill, and their cap (see the module docstring).
-        self._step_load_blocks = 0
+        # Blocks the loads admitted in one step may fill (see the module docstring).
         self._step_load_cap = kv_cache_config.num_blocks // 2 if vllm_config.scheduler_config.async_scheduling \
             else None
         self._persist_done: Counter = Counter()
@@ -204,14 +203,14 @@ class OffloadScheduler:
             state.pinned.append(key)
         return need, state.load_async
 
-    def _load_blocks(self, first_token: int, end_token: int) -> int:
-        return math.ceil(end_token / self.block_size) - first_token // self.block_size
-
     def _fits_this_step(self, first_token: int, end_token: int) -> bool:
-        """Whether a load of these tokens may join this step's (see the module docstring)."""
-        if self._step_load_cap is None or not self._step_load_blocks:
+        """Whether a load of these tokens may join the loads admitted since the last plan (see the module
+        docstring)."""
+        if self._step_load_cap is None or not self._loads:
             return True
-        return self._step_load_blocks + self._load_blocks(first_token, end_token) <= self._step_load_cap
+        admitted = sum(len(chunk.block_ids) for copies in self._loads for chunk in copies.chunks)
+        blocks = math.ceil(end_token / self.block_size) - first_token // self.block_size
+        return admitted + blocks <= self._step_load_cap
 
     def _will_compute(self, req_id: str) -> bool:
         """Whether a running request has tokens left to compute (a synchronous load would hold up its forward).
@@ -342,7 +341,6 @@ class OffloadScheduler:
                                          num_tokens=end_token - first_token, total_tokens=request.num_tokens,
                                          sync=not state.load_async))
         self._loading += len(copies)
-        self._step_load_blocks += self._load_blocks(first_token, end_token)
         if state.load_async:
             self._async_loads.add(request.request_id)
         state.pinned = []  # the load owns the pins now; released when every worker reports it loaded
@@ -357,7 +355,6 @@ class OffloadScheduler:
     def build_connector_meta(self, scheduler_output: Any) -> StepPlan:
         plan = StepPlan(slot_bytes=self.slot_bytes, loads=self._loads, prefetches=self._prefetches)
         self._loads, self._prefetches = [], []
-        self._step_load_blocks = 0
         self._running.update(scheduler_output.num_scheduled_tokens)
         for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self._running.discard(req_id)
