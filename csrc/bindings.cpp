@@ -47,6 +47,15 @@ std::vector<cudaEvent_t> events(const std::vector<uint64_t>& handles) {
   return out;
 }
 
+KvoRing make_ring(const char* what, uint64_t staging, int64_t buffer_bytes, int next, std::vector<cudaEvent_t>& free,
+                  uint64_t ready, uint64_t kernel_stream, uint64_t dma_stream) {
+  if (free.empty() || next < 0 || next >= static_cast<int>(free.size())) {
+    throw std::invalid_argument(std::string(what) + ": next must index one of the ring's free events");
+  }
+  return KvoRing{ptr<char>(staging), buffer_bytes, static_cast<int32_t>(free.size()), next, free.data(),
+                 ptr<CUevent_st>(ready), ptr<CUstream_st>(kernel_stream), ptr<CUstream_st>(dma_stream)};
+}
+
 int load_pieces(uint64_t layer_base, uint64_t block_stride, int32_t num_layers, int64_t page_bytes, uint64_t entries,
                 uint64_t pool, int64_t pages_per_slot, uint64_t pieces, int64_t num_pieces, uint64_t runs,
                 const std::vector<uint64_t>& layer_done, uint64_t staging, int64_t buffer_bytes, int next,
@@ -58,15 +67,28 @@ int load_pieces(uint64_t layer_base, uint64_t block_stride, int32_t num_layers, 
   if (!layer_events.empty() && layer_events.size() != static_cast<size_t>(num_layers)) {
     throw std::invalid_argument("kvoffload load_pieces: one layer_done event per layer, or none");
   }
-  if (free_events.empty() || next < 0 || next >= static_cast<int>(free_events.size())) {
-    throw std::invalid_argument("kvoffload load_pieces: next must index one of the ring's free events");
-  }
-  KvoRing ring{ptr<char>(staging), buffer_bytes, static_cast<int32_t>(free_events.size()), next, free_events.data(),
-               ptr<CUevent_st>(ready), ptr<CUstream_st>(kernel_stream), ptr<CUstream_st>(dma_stream)};
+  KvoRing ring = make_ring("kvoffload load_pieces", staging, buffer_bytes, next, free_events, ready, kernel_stream,
+                           dma_stream);
   check(kvo_load_pieces(cache, ptr<const int64_t>(entries), ptr<char>(pool), pages_per_slot,
                         ptr<const int64_t>(pieces), num_pieces, ptr<const int64_t>(runs),
                         layer_events.empty() ? nullptr : layer_events.data(), &ring, vec_bytes, max_ctas),
         "kvoffload load_pieces");
+  return ring.next;
+}
+
+int store_layer(uint64_t layer_base, uint64_t block_stride, int32_t num_layers, int64_t page_bytes, int32_t layer,
+                uint64_t entries, uint64_t pool, int64_t pages_per_slot, uint64_t pieces, int64_t num_pieces,
+                uint64_t runs, uint64_t staging, int64_t buffer_bytes, int next, const std::vector<uint64_t>& free,
+                uint64_t ready, int vec_bytes, int max_ctas, uint64_t kernel_stream, uint64_t dma_stream) {
+  if (layer < 0 || layer >= num_layers) throw std::out_of_range("kvoffload store_layer: layer out of range");
+  const KvoPagedCache cache{ptr<const int64_t>(layer_base), ptr<const int64_t>(block_stride), num_layers,
+                            page_bytes};
+  std::vector<cudaEvent_t> free_events = events(free);
+  KvoRing ring = make_ring("kvoffload store_layer", staging, buffer_bytes, next, free_events, ready, kernel_stream,
+                           dma_stream);
+  check(kvo_store_layer(cache, layer, ptr<const int64_t>(entries), ptr<char>(pool), pages_per_slot,
+                        ptr<const int64_t>(pieces), num_pieces, ptr<const int64_t>(runs), &ring, vec_bytes, max_ctas),
+        "kvoffload store_layer");
   return ring.next;
 }
 
@@ -89,6 +111,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("layer_base"), py::arg("block_stride"), py::arg("num_layers"), py::arg("page_bytes"),
         py::arg("entries"), py::arg("pool"), py::arg("pages_per_slot"), py::arg("pieces"), py::arg("num_pieces"),
         py::arg("runs"), py::arg("layer_done"), py::arg("staging"), py::arg("buffer_bytes"), py::arg("next"),
+        py::arg("free"), py::arg("ready"), py::arg("vec_bytes"), py::arg("max_ctas"), py::arg("kernel_stream"),
+        py::arg("dma_stream"));
+  m.def("store_layer", &store_layer,
+        "Store one layer of a one-layer plan into the pool through the staging ring; returns the ring buffer the "
+        "next piece takes.",
+        py::arg("layer_base"), py::arg("block_stride"), py::arg("num_layers"), py::arg("page_bytes"),
+        py::arg("layer"), py::arg("entries"), py::arg("pool"), py::arg("pages_per_slot"), py::arg("pieces"),
+        py::arg("num_pieces"), py::arg("runs"), py::arg("staging"), py::arg("buffer_bytes"), py::arg("next"),
         py::arg("free"), py::arg("ready"), py::arg("vec_bytes"), py::arg("max_ctas"), py::arg("kernel_stream"),
         py::arg("dma_stream"));
 }

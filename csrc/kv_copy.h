@@ -36,10 +36,12 @@ cudaError_t kvo_copy_runs(char* staging, char* pool, const int64_t* runs, int64_
                           int32_t run_layers, int64_t pages_per_slot, int64_t page_bytes, int to_host,
                           cudaStream_t stream);
 
-// The staging ring of a load: `ring` device buffers of buffer_bytes each, back to back from `staging`. The DMA
-// stream fills them, the kernel stream scatters them; free[k] (recorded on the kernel stream after the last
-// scatter of buffer k) and ready (recorded on the DMA stream after each fill) hand them over. `next` is the
-// buffer the next piece takes; kvo_load_pieces advances it.
+// A staging ring: `ring` device buffers of buffer_bytes each, back to back from `staging`, handed between a
+// producer and a consumer stream. free[k] is recorded by the consumer once it is done with buffer k and
+// waited on by the producer before refilling it; ready is recorded by the producer after each fill and waited
+// on by the consumer at once. A load's producer is the DMA stream (the consumer scatters on the kernel
+// stream), a store's the kernel stream (it gathers; the DMA stream drains). `next` is the buffer the next
+// piece takes; kvo_load_pieces and kvo_store_layer advance it.
 typedef struct {
   char* staging;
   int64_t buffer_bytes;
@@ -61,6 +63,15 @@ typedef struct {
 // calls cost tens of microseconds each, milliseconds per load, all before the first byte moves.
 cudaError_t kvo_load_pieces(KvoPagedCache cache, const int64_t* entries, char* pool, int64_t pages_per_slot,
                             const int64_t* pieces, int64_t num_pieces, const int64_t* runs, cudaEvent_t* layer_done,
+                            KvoRing* ring, int vec_bytes, int max_ctas);
+
+// Stores one layer of a copy plan made for one layer (entries and runs of a single layer, as for a layer-wise
+// load) from the cache into the pinned pool through a store ring: per piece, the gather of layer `layer` of
+// its entries into the next buffer (once the DMA that last read that buffer is done), then the DMA of its
+// runs into that layer of their slots (once the gather is done). Called as the forward finishes each layer,
+// so a step's stores cross PCIe while the forward runs and are over soon after it ends.
+cudaError_t kvo_store_layer(KvoPagedCache cache, int32_t layer, const int64_t* entries, char* pool,
+                            int64_t pages_per_slot, const int64_t* pieces, int64_t num_pieces, const int64_t* runs,
                             KvoRing* ring, int vec_bytes, int max_ctas);
 
 #ifdef __cplusplus

@@ -219,3 +219,30 @@ extern "C" cudaError_t kvo_load_pieces(KvoPagedCache cache, const int64_t* entri
   }
   return cudaSuccess;
 }
+
+extern "C" cudaError_t kvo_store_layer(KvoPagedCache cache, int32_t layer, const int64_t* entries, char* pool,
+                                       int64_t pages_per_slot, const int64_t* pieces, int64_t num_pieces,
+                                       const int64_t* runs, KvoRing* ring, int vec_bytes, int max_ctas) {
+  if (layer < 0 || layer >= cache.num_layers) return cudaErrorInvalidValue;
+  const KvoPagedCache one{cache.layer_base + layer, cache.block_stride + layer, 1, cache.page_bytes};
+  char* pool_layer = pool + layer * pages_per_slot * cache.page_bytes;
+  for (int64_t p = 0; p < num_pieces; ++p) {
+    const int64_t* piece = pieces + 4 * p;
+    const int32_t index = ring->next;
+    ring->next = (index + 1) % ring->ring;
+    char* buffer = ring->staging + static_cast<int64_t>(index) * ring->buffer_bytes;
+    cudaError_t err = cudaStreamWaitEvent(ring->kernel, ring->free[index], 0);
+    if (err == cudaSuccess) {
+      err = kvo_copy_pages(one, entries, piece[0], piece[1], buffer, 1, vec_bytes, max_ctas, ring->kernel);
+    }
+    if (err == cudaSuccess) err = cudaEventRecord(ring->ready, ring->kernel);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(ring->dma, ring->ready, 0);
+    if (err == cudaSuccess) {
+      err = kvo_copy_runs(buffer, pool_layer, runs + 4 * piece[2], piece[3], cache.num_layers, 1, pages_per_slot,
+                          cache.page_bytes, 1, ring->dma);
+    }
+    if (err == cudaSuccess) err = cudaEventRecord(ring->free[index], ring->dma);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}

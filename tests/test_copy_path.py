@@ -232,6 +232,53 @@ def test_cuda_plan_emulated(layout: str, list_name: str, per_piece: int) -> None
     check_cache_after_load(cache, snapshot, pool, ids, slots, pages)
 
 
+def emulate_store_layer(kv: PagedKV, pool: torch.Tensor, plan: cuda_copy.CopyPlan, layer: int) -> None:
+    """Do what ``kvo_store_layer`` does with a one-layer plan: per piece, gather the layer, DMA its runs."""
+    page_bytes = kv.page_bytes
+    for first, count, first_run, num_runs in plan.pieces.tolist():
+        staging = torch.full((int(plan.entries[first:first + count, 1].max()) + page_bytes,), POISON, dtype=torch.uint8)
+        for block, offset, _ in plan.entries[first:first + count].tolist():  # one layer: the pitch is unused
+            staging[offset:offset + page_bytes] = kv.layers[layer][block]
+        for offset, slot, first_page, length in plan.runs[first_run:first_run + num_runs].tolist():
+            pool[slot, layer, first_page:first_page + length] = staging[offset:offset + length * page_bytes].view(
+                length, page_bytes)
+
+
+@pytest.mark.parametrize("per_piece", [1, 3, PAGES_PER_SLOT, 100])
+@pytest.mark.parametrize("list_name", list(COPY_LISTS))
+def test_layered_store_plan_emulated(list_name: str, per_piece: int) -> None:
+    """The one-layer plan a layered store passes to ``kvo_store_layer``, layer after layer in any order, fills
+    the pool exactly as a whole store."""
+    cache = make_cache("blnhc", torch.bfloat16, "cpu")
+    kv = cache.kv()
+    ids, slots, pages = copy_list(list_name)
+    pool = make_pool(kv)
+    before = pool.clone()
+    plan = plan_copy(ids, slots, pages, 1, kv.page_bytes, per_piece)
+    for layer in (2, 0, 1):
+        emulate_store_layer(kv, pool, plan, layer)
+    assert torch.equal(pool, expected_pool_after_store(cache, before, ids, slots, pages))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layered_store_cpu(layout: str) -> None:
+    """On a CPU cache each reported layer is copied at once (what the forward writes into it later is not),
+    and ``finish`` copies the layers never reported."""
+    cache = make_cache(layout, torch.bfloat16, "cpu")
+    kv = cache.kv()
+    ids, slots, pages = copy_list("partial")
+    pool = make_pool(kv)
+    before = pool.clone()
+    store = TorchCopyBackend(kv, pool).layered_store(ids, slots, pages)
+    assert store is not None
+    store.layer(1)
+    expected = expected_pool_after_store(cache, before, ids, slots, pages)
+    kv.layers[1].fill_(0)  # written after its report: not what was stored
+    store.layer(1)  # reported twice: stored once
+    store.finish().wait()
+    assert torch.equal(pool, expected)
+
+
 def test_whole_slot_runs_stay_whole() -> None:
     """Chunk-aligned lists must cross PCIe as one DMA per slot (the fast, 1-D case in kvo_copy_runs)."""
     ids = torch.randperm(64)[:32]
@@ -421,6 +468,43 @@ def test_sync_load_is_seen_by_the_compute_stream_layer_by_layer(backend: str, la
     copier.finish_layers()
     for layer, pages_seen in enumerate(seen):
         assert torch.equal(pages_seen.cpu(), pool[slots, layer, pages]), f"layer {layer}"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("reported", ["every layer", "some layers", "none"])
+def test_layered_store_reads_each_layer_once_the_forward_wrote_it(reported: str) -> None:
+    """The forward (a busy compute stream) writes each layer, then reports it; the layer's store must copy what
+    was written, with no host-side wait anywhere; ``finish`` stores the layers never reported. Loads issued
+    next read the stored slots (behind the store) and overwrite the stored blocks (after it gathered them)."""
+    cache, kv = big_cache()
+    pool = make_pool(kv, slots=8, pages_per_slot=16)
+    copier = cuda_backend(kv, pool)
+    ids = torch.arange(8, 72)  # 4 whole slots
+    slots, pages = torch.tensor([6, 1, 4, 2]).repeat_interleave(16), (ids - 8) % 16
+    store = copier.layered_store(ids, slots, pages)
+    assert store is not None
+    torch.cuda._sleep(20_000_000)
+    expected = []
+    for layer in range(kv.num_layers):  # nothing in this loop may synchronize with the compute stream
+        torch.cuda._sleep(2_000_000)
+        kv.layers[layer][ids.cuda()] = torch.randint(1, 256, (len(ids), kv.page_bytes), dtype=torch.uint8,
+                                                     device="cuda")
+        expected.append(kv.layers[layer][ids.cuda()].clone())
+        if reported == "every layer" or (reported == "some layers" and layer % 3):
+            store.layer(layer)
+    fence = store.finish()
+    reader, overwritten = list(range(100, 116)), list(range(8, 24))
+    copier.load(*chunk(reader, 6))
+    copier.load(*chunk(overwritten, 7))
+    fence.wait()
+    copier.fence().wait()
+    torch.cuda.synchronize()
+    for layer, pages_written in enumerate(expected):
+        assert torch.equal(pool[slots, layer, pages], pages_written.cpu()), f"layer {layer}"
+    assert torch.equal(layer_pages(cache, reader).cpu(), pool[6]), "a load overtook the store of its slot"
+    assert torch.equal(layer_pages(cache, overwritten).cpu(), pool[7])
+    assert fence.seconds() is not None and fence.seconds() > 0
 
 
 @pytest.mark.gpu

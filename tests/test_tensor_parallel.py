@@ -327,6 +327,49 @@ def test_chunk_loadable_and_request_finished_only_after_every_rank(caplog: pytes
     engine.shutdown()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_stores_cross_beside_the_forward_layer_by_layer(device: str, caplog: pytest.LogCaptureFixture) -> None:
+    """When the forward reports each layer it wrote (``save_kv_layer``, as vLLM's attention layers do), each rank
+    stores that layer of the step's stores then, and ``wait_for_save`` only completes the store: the slots hold
+    what the forward wrote, the request's blocks are released, and a repeat loads it back. On a CPU cache the
+    copy happens at the report, so bytes the forward writes after it are not stored (that it was layer by
+    layer); on a GPU the layer's copy is ordered after the forward's write on the compute stream."""
+    caplog.set_level(logging.INFO, logger="kvoffload")
+    engine = TPEngine(device=device)
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    keys = engine.keys(a)
+    assert engine.scheduler.get_num_new_matched_tokens(a, 0) == (0, False)
+    engine.scheduler.update_state_after_alloc(a, Blocks(a_blocks), 0)
+    plan = engine.scheduler.build_connector_meta(schedule_new(a, a_blocks, 0, len(PROMPT)))
+    written = []
+    for rank, worker in enumerate(engine.workers):
+        own: StepPlan = pickle.loads(pickle.dumps(plan))
+        worker.start_load_kv(own)
+        for layer in range(LAYERS):  # the forward: writes the layer's KV, then reports it
+            worker.wait_for_layer_load(f"l{layer}")
+            engine.caches[rank][layer, a_blocks] = torch.randn(PROMPT_BLOCKS, *engine.caches[rank].shape[2:],
+                                                               device=device)
+            worker.save_kv_layer(f"l{layer}", own)
+        written.append(engine.pages(rank, a_blocks))
+        if device == "cpu":
+            engine.caches[rank][:, a_blocks] = float("nan")  # after the reports: must not reach the slots
+        worker.wait_for_save(own)
+    assert any("stores cross PCIe beside it, layer by layer" in r.getMessage() for r in caplog.records)
+    wait_idle(engine)
+    assert all(engine.scheduler.index.ready(k) is not None for k in keys)
+    for rank, worker in enumerate(engine.workers):
+        for chunk, key in enumerate(keys[:3]):
+            slot = engine.scheduler.index.get(key).slot
+            expected = written[rank][:, 2 * chunk:2 * chunk + 2].reshape(LAYERS, 2, -1).view(torch.uint8).cpu()
+            assert torch.equal(worker.pool.tensor[slot], expected), f"rank {rank} chunk {chunk}"
+    assert engine.scheduler.request_finished(a, a_blocks) == (True, None)
+    assert engine.step(finished={"a"}).finished_sending == {"a"}, "stores done: the blocks are released at once"
+    assert engine.holds(engine.load_repeat("b", 20), written)
+    engine.shutdown()
+
+
 def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> None:
     """A repeat of a prompt whose stores are in flight hits at once: its load is queued behind the stores
     (on a GPU the copy engines order them chunk by chunk; here rank 1's stores merely report late)."""

@@ -60,6 +60,25 @@ class DoneFence(Fence):
         return None
 
 
+class LayeredStore(ABC):
+    """A store issued layer by layer while the forward runs (``CopyBackend.layered_store``).
+
+    The forward reports each layer once it has written that layer's KV (``layer``); ``finish`` after the
+    forward stores whatever was not reported. A step's stores then cross PCIe beside its forward instead of
+    after it, so a finished request's blocks, which vLLM keeps until its stores are done, are free again right
+    after its last forward."""
+
+    @abstractmethod
+    def layer(self, index: int) -> None:
+        """Store layer ``index`` of every entry, reading it after the work queued on the compute stream so far
+        (the forward's write of that layer); a layer already stored is skipped."""
+
+    @abstractmethod
+    def finish(self) -> Fence:
+        """Store the layers not stored yet (after everything queued on the compute stream); the whole store's
+        fence."""
+
+
 @dataclass(frozen=True)
 class PagedKV:
     """vLLM's KV cache seen as pages: one ``(num_blocks, page_bytes)`` uint8 view per layer."""
@@ -97,6 +116,11 @@ class CopyBackend(ABC):
     @abstractmethod
     def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         """Copy ``pool[slots[i], :, pages[i]]`` into every layer of ``block_ids[i]``."""
+
+    def layered_store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> LayeredStore | None:
+        """A :class:`LayeredStore` of the same copy list as ``store``, with the same ordering contract; None when
+        this backend stores whole only (the caller then calls ``store`` after the forward)."""
+        return None
 
     def load_sync(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
                   layerwise: bool) -> Fence:

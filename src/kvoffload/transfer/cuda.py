@@ -10,7 +10,9 @@ Each direction is a pipeline over *pieces* (windows of the copy list, up to 64 M
 and a DMA stream hand pieces to each other through events, double-buffered in a staging ring, so the
 kernel for piece *p+1* runs while piece *p* is on the wire. Stores and loads have separate pipelines so a
 load on the critical path never queues behind a long store, and a load never holds up the compute stream
-(vLLM runs a request only once its load is reported done). The hazards between them are ordered
+(vLLM runs a request only once its load is reported done). A step's store can also go layer by layer, each
+layer's pieces issued once the forward wrote that layer (``layered_store``), so it crosses PCIe during the
+forward rather than after it. The hazards between them are ordered
 explicitly: per host slot (a store into a slot waits for earlier loads reading it; a load waits for the
 store piece writing it, so a chunk stored a moment ago is loaded right behind its store, PCIe carrying
 both directions at once) and per vLLM block (a load does not overwrite a block an earlier store has not
@@ -30,7 +32,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, PagedKV
+from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, LayeredStore, PagedKV
 
 PIECE_BYTES = 64 << 20
 """Upper bound of one pipeline piece: a whole 256-token chunk of an 8B model (32-36 MiB) fits, so chunks
@@ -234,11 +236,15 @@ class CudaCopyBackend(CopyBackend):
         self._vec = vector_bytes(bases + strides, kv.page_bytes)
         self._per_piece = piece_entries(num_layers, kv.page_bytes, self.pages_per_slot)
         piece_bytes = self._per_piece * num_layers * kv.page_bytes
-        # a layer-wise load moves one layer of a request per piece: up to PIECE_BYTES (~16k tokens of 8B)
+        # a layer-wise load or store moves one layer of a step's requests per piece: up to PIECE_BYTES (~16k
+        # tokens of 8B)
         self._per_layer_piece = piece_entries(1, kv.page_bytes, self.pages_per_slot)
-        self._store = _Pipeline(self.device, piece_bytes)
-        self._load = _Pipeline(self.device, max(piece_bytes, self._per_layer_piece * kv.page_bytes))
+        buffer_bytes = max(piece_bytes, self._per_layer_piece * kv.page_bytes)
+        self._store = _Pipeline(self.device, buffer_bytes)
+        self._load = _Pipeline(self.device, buffer_bytes)
         self._layer_done = [_created(self._load.kernel) for _ in range(num_layers)]  # re-recorded by each load
+        compute = torch.cuda.current_stream(self.device)
+        self._layer_written = [_created(compute) for _ in range(num_layers)]  # re-recorded by each layered store
         self._layer_events: list[torch.cuda.Event] = []  # per layer, of the step's layer-wise load
         self._stored_to: dict[int, torch.cuda.Event] = {}  # slot -> the store piece writing it
         self._loaded_from: dict[int, torch.cuda.Event] = {}  # slot -> last load reading it
@@ -278,6 +284,12 @@ class CudaCopyBackend(CopyBackend):
                 _mark(self._stored_to, piece_slots, _recorded(pipe.dma))
             self._gathering.add(_recorded(pipe.kernel), blocks)
             return _EventsFence([_recorded(pipe.dma)], start)
+
+    def layered_store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> LayeredStore | None:
+        if len(block_ids) == 0:
+            return None
+        self._check(block_ids, slots, pages)
+        return _CudaLayeredStore(self, block_ids, slots, pages)
 
     def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         if len(block_ids) == 0:
@@ -392,6 +404,73 @@ class CudaCopyBackend(CopyBackend):
         plan = plan_copy(block_ids, slots, pages, num_layers, self.kv.page_bytes, per_piece)
         with torch.cuda.stream(stream):
             return plan, plan.entries.pin_memory().to(self.device, non_blocking=True)
+
+
+class _CudaLayeredStore(LayeredStore):
+    """Each layer through the store ring as soon as the forward wrote it: the layer's gather waits on an event
+    recorded on the compute stream when the forward reports the layer, then ``kvo_store_layer`` (csrc/kv_copy.h)
+    moves every piece of that layer. The hazards of a whole store are ordered once, before the first layer: the
+    gathers wait for loads still writing the blocks, the DMAs for loads still reading the slots. Loads of these
+    slots are planned from the next step on, after ``finish`` marked the slots."""
+
+    def __init__(self, backend: CudaCopyBackend, block_ids: torch.Tensor, slots: torch.Tensor,
+                 pages: torch.Tensor) -> None:
+        self.backend = backend
+        self.slots = slots
+        self.blocks = frozenset(block_ids.tolist())
+        self.left = set(range(backend.kv.num_layers))
+        self.spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # per layer: its copies, on the DMA stream
+        pipe = backend._store
+        with torch.cuda.device(backend.device):
+            for event in backend._scattering.pending(self.blocks):
+                pipe.kernel.wait_event(event)
+            for event in _pending(backend._loaded_from, slots):
+                pipe.dma.wait_event(event)
+            self.plan, self.entries = backend._plan(block_ids, slots, pages, 1, backend._per_layer_piece, pipe.kernel)
+
+    def layer(self, index: int) -> None:
+        if index not in self.left:
+            return
+        self.left.discard(index)
+        backend, pipe = self.backend, self.backend._store
+        with torch.cuda.device(backend.device):
+            written = backend._layer_written[index]
+            written.record(torch.cuda.current_stream(backend.device))
+            pipe.kernel.wait_event(written)
+            pipe.dma.wait_event(written)  # so that the span times this layer's copies, not the forward before them
+            begin = _recorded(pipe.dma)
+            pipe.next = backend._ext.store_layer(
+                backend._table[0].data_ptr(), backend._table[1].data_ptr(), backend.kv.num_layers,
+                backend.kv.page_bytes, index, self.entries.data_ptr(), backend.pool.data_ptr(), backend.pages_per_slot,
+                self.plan.pieces.data_ptr(), len(self.plan.pieces), self.plan.runs.data_ptr(),
+                pipe.staging().data_ptr(), pipe.buffer_bytes, pipe.next, [event.cuda_event for event in pipe.free],
+                pipe.ready.cuda_event, backend._vec, MAX_CTAS, pipe.kernel.cuda_stream, pipe.dma.cuda_stream)
+            self.spans.append((begin, _recorded(pipe.dma)))
+
+    def finish(self) -> Fence:
+        for index in sorted(self.left):
+            self.layer(index)
+        backend = self.backend
+        with torch.cuda.device(backend.device):
+            _mark(backend._stored_to, self.slots, self.spans[-1][1])
+            backend._gathering.add(_recorded(backend._store.kernel), self.blocks)
+        return _SpansFence(self.spans)
+
+
+class _SpansFence(Fence):
+    """Done with the last span; timed as the sum of the spans (the copies, without the forward between them)."""
+
+    def __init__(self, spans: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> None:
+        self.spans = spans
+
+    def done(self) -> bool:
+        return self.spans[-1][1].query()
+
+    def wait(self) -> None:
+        self.spans[-1][1].synchronize()
+
+    def seconds(self) -> float | None:
+        return sum(begin.elapsed_time(end) for begin, end in self.spans) / 1e3
 
 
 def _created(stream: torch.cuda.Stream) -> torch.cuda.Event:

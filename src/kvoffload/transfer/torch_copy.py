@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, PagedKV
+from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, LayeredStore, PagedKV
 
 
 def slot_runs(slots: torch.Tensor, pages: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -69,6 +69,10 @@ class TorchCopyBackend(CopyBackend):
                 self._hold(staged)
         return _CudaFence(start, self._recorded())
 
+    def layered_store(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> LayeredStore | None:
+        """On a CPU cache, each layer copied when the forward reports it; on a GPU this fallback stores whole."""
+        return None if self._cuda else _CpuLayeredStore(self, block_ids, slots, pages)
+
     def load(self, block_ids: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> Fence:
         if len(block_ids) == 0:
             return DoneFence()
@@ -116,3 +120,23 @@ class TorchCopyBackend(CopyBackend):
 
     def fence(self) -> Fence:
         return _CudaFence(None, self._recorded()) if self._cuda else DoneFence()
+
+
+class _CpuLayeredStore(LayeredStore):
+    """Synchronous: the forward on a CPU has written a layer when it reports it."""
+
+    def __init__(self, backend: TorchCopyBackend, block_ids: torch.Tensor, slots: torch.Tensor,
+                 pages: torch.Tensor) -> None:
+        self.backend, self.block_ids, self.slots, self.pages = backend, block_ids, slots, pages
+        self.left = set(range(backend.kv.num_layers))
+
+    def layer(self, index: int) -> None:
+        if index in self.left:
+            self.left.discard(index)
+            pages = self.backend.kv.layers[index].index_select(0, self.block_ids)
+            self.backend.pool[self.slots, index, self.pages] = pages
+
+    def finish(self) -> Fence:
+        for index in sorted(self.left):
+            self.layer(index)
+        return DoneFence()

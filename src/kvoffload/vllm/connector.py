@@ -99,7 +99,8 @@ class KVOffloadConnector(KVConnectorBase_V1):
             self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
-        return None
+        if self._worker is not None:
+            self._worker.save_kv_layer(layer_name, self._bound_plan())
 
     def wait_for_save(self) -> None:
         assert self._worker is not None

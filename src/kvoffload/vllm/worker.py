@@ -7,8 +7,9 @@ ends of the persistent tiers. Each step it
    (``start_load_kv``); vLLM keeps those requests out of the batch until their load is reported. Chunks
    still in a finished request's blocks are copied block to block on the compute stream instead,
 2. starts reading planned prefetches from disk/remote into host slots on background threads,
-3. after the forward, issues the planned stores from vLLM blocks into host slots on a side stream
-   (``wait_for_save``) without waiting for them,
+3. issues the planned stores from vLLM blocks into host slots on a side stream without waiting for them:
+   layer by layer as the forward finishes each layer (``save_kv_layer``) where the copy path can, so they
+   are over soon after the forward ends, and whatever is left after the forward (``wait_for_save``),
 4. polls what finished and reports it (``get_finished`` / ``build_connector_worker_meta``): a request
    whose load finished is handed back to vLLM (``finished_recving``), stored chunks marked ``persist``
    are handed to the tier writers, and a finished request's blocks are released (``finished_sending``)
@@ -33,6 +34,7 @@ from kvoffload.keys import ModelFingerprint
 from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
+from kvoffload.transfer.base import LayeredStore
 from kvoffload.transfer.layout import paged_kv
 from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
@@ -93,6 +95,8 @@ class OffloadWorker:
         self._layer_index: dict[str, int] = {}
         self._layers_announced: set[str] = set()
         self._layerwise = False
+        self._layered: tuple[StepPlan, LayeredStore | None] | None = None  # the step's store, issued per layer
+        self._stored_by_layer = False  # whether a store was issued layer by layer yet (logged once)
         self._tier_seen: dict[str, TierStats] = {}  # each tier's stats at the last take_stats
 
     # ---- setup --------------------------------------------------------------------------------------
@@ -203,6 +207,22 @@ class OffloadWorker:
         if self.backend is not None:
             self.backend.wait_layer(index + 1)
 
+    def save_kv_layer(self, layer_name: str, plan: StepPlan | None) -> None:
+        """Called by the forward once it wrote a layer's KV: store that layer of the step's planned stores now."""
+        index = self._layer_index.get(layer_name)
+        if index is None or not isinstance(plan, StepPlan) or not plan.stores or self._done_plans.get("store") is plan:
+            return
+        if self._layered is None or self._layered[0] is not plan:
+            store = self._copy_path().layered_store(*self._copy_list(plan.stores)[:3])
+            if store is not None and not self._stored_by_layer:
+                self._stored_by_layer = True
+                logger.info("kvoffload: the forward reports each layer it wrote: stores cross PCIe beside it, "
+                            "layer by layer")
+            self._layered = (plan, store)
+        store = self._layered[1]
+        if store is not None:
+            store.layer(index)
+
     def wait_for_save(self, plan: StepPlan | None) -> None:
         if self.backend is not None:  # the forward is over: nothing after it may see a layer not yet in
             self.backend.finish_layers()
@@ -213,15 +233,22 @@ class OffloadWorker:
         if not isinstance(plan, StepPlan) or self._done_plans.get("store") is plan:
             return
         self._done_plans["store"] = plan
+        layered, self._layered = self._layered, None
         if not plan.stores:
             return
-        batch = self._issue(plan.stores, self._copy_path().store)
+        store = layered[1] if layered is not None and layered[0] is plan else None
+        if store is None:
+            batch = self._issue(plan.stores, self._copy_path().store)
+        else:  # its layers were issued with the same copy list: what is left needs none
+            batch = self._issue(plan.stores, lambda *copy_list: store.finish())
         self._stores.append(batch)
         for copies in plan.stores:
             self._requests.setdefault(copies.req_id, _RequestStores()).batches.append(batch)
 
-    def _issue(self, copies: list[RequestCopies], op: Any) -> _Batch:
-        """Issue the host-slot copies of ``copies``; chunks copied on the device (start_load_kv) only count."""
+    @staticmethod
+    def _copy_list(copies: list[RequestCopies]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The host-slot copies of ``copies`` as a copy list, and how many blocks are copied on the device instead
+        (chunks still in a finished request's blocks, copied by start_load_kv)."""
         block_ids, slots, pages = [], [], []
         on_device = 0
         for request in copies:
@@ -232,9 +259,14 @@ class OffloadWorker:
                 block_ids.extend(chunk.block_ids)
                 slots.extend([chunk.slot] * len(chunk.block_ids))
                 pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
+        return (torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
+                torch.tensor(pages, dtype=torch.int64), on_device)
+
+    def _issue(self, copies: list[RequestCopies], op: Any) -> _Batch:
+        """Issue the host-slot copies of ``copies`` with ``op`` (a store or load of a copy list)."""
+        block_ids, slots, pages, on_device = self._copy_list(copies)
         started = time.perf_counter()
-        fence = op(torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
-                   torch.tensor(pages, dtype=torch.int64))
+        fence = op(block_ids, slots, pages)
         page_bytes = self.kv.num_layers * self.kv.page_bytes
         return _Batch(fence=fence, copies=copies, nbytes=len(block_ids) * page_bytes, started=started,
                       device_bytes=on_device * page_bytes)
