@@ -133,11 +133,11 @@ def test_benchmark_plot_from_measured_results(tmp_path):
     text = (out / "results.md").read_text()
     assert "SAMPLE" not in text
     for fact in ("2026-11-25", "NVIDIA H100 80GB HBM3", "vLLM 0.26.0", "torch 2.11.0+cu130",
-                 "| kvoffload | 2.574 | 0.422 | 6.1x | 0.457 | 0.049 |", "| vLLM native | 2.672 | 0.575 | 4.6x |",
-                 "| kvoffload + disk | 2.614 | 0.375 | 7.0x | 0.455 | 0.087 |",
-                 "| kvoffload | 0.049 | 0.078 | 18.18 | 0.060 | 0.137 | 15.35 |",
-                 "| kvoffload | 2.629 | 0.313 | 8.4x | 0.428 | 0.043 |",
-                 "| kvoffload | 2.683, 2.574, 2.560 | 0.432, 0.422, 0.352 | 0.460, 0.457, 0.454 | 0.045, 0.050, 0.049 |",
+                 "| kvoffload | 2.566 | 0.321 | 8.0x | 0.453 | 0.046 |", "| vLLM native | 2.598 | 0.603 | 4.3x |",
+                 "| kvoffload + disk | 2.545 | 0.382 | 6.7x | 0.456 | 0.080 |",
+                 "| kvoffload | 0.054 | 0.074 | 17.55 | 0.056 | 0.087 | 17.48 |",
+                 "| kvoffload | 2.481 | 0.291 | 8.5x | 0.431 | 0.031 |",
+                 "| kvoffload | 2.566, 2.561, 2.577 | 0.353, 0.318, 0.321 | 0.453, 0.459, 0.452 | 0.036, 0.061, 0.046 |",
                  "| Qwen3-8B | load | 51.8 | 43.7 | 40.3 | 16.6 | 55.0 | 94.2% | yes |",
                  "Qwen3-8B 550 GB/s (byte-exact: yes)",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
