@@ -356,7 +356,7 @@ def test_stores_cross_beside_the_forward_layer_by_layer(device: str, caplog: pyt
         if device == "cpu":
             engine.caches[rank][:, a_blocks] = float("nan")  # after the reports: must not reach the slots
         worker.wait_for_save(own)
-    assert any("stores cross PCIe beside it, layer by layer" in r.getMessage() for r in caplog.records)
+    assert any("stores run beside it, layer by layer" in r.getMessage() for r in caplog.records)
     wait_idle(engine)
     assert all(engine.scheduler.index.ready(k) is not None for k in keys)
     for rank, worker in enumerate(engine.workers):

@@ -216,8 +216,8 @@ class OffloadWorker:
             store = self._copy_path().layered_store(*self._copy_list(plan.stores)[:3])
             if store is not None and not self._stored_by_layer:
                 self._stored_by_layer = True
-                logger.info("kvoffload: the forward reports each layer it wrote: stores cross PCIe beside it, "
-                            "layer by layer")
+                logger.info("kvoffload: the forward reports each layer it wrote: stores run beside it, layer by "
+                            "layer")
             self._layered = (plan, store)
         store = self._layered[1]
         if store is not None:
