@@ -133,6 +133,17 @@ class KVOffloadConnector(KVConnectorBase_V1):
         return None  # pages are copied as raw bytes: any layout works
 
     @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Always: vLLM then captures piecewise CUDA graphs only (attention runs between the pieces).
+
+        A load that runs beside its step's forward is ordered layer by layer through the hooks the attention
+        layers call (``wait_for_layer_load``), and stores go out through ``save_kv_layer``. A full CUDA graph
+        replays the attention layers without calling them, and vLLM runs one for any batch where each request
+        computes one token, which a request whose prompt was loaded but for its last token is: its forward
+        would read layers whose load is still in flight."""
+        return True
+
+    @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVOffloadStats:
         return KVOffloadStats(data=dict(data or {}))
 
