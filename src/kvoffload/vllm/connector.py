@@ -138,9 +138,9 @@ class KVOffloadConnector(KVConnectorBase_V1):
 
         A load that runs beside its step's forward is ordered layer by layer through the hooks the attention
         layers call (``wait_for_layer_load``), and stores go out through ``save_kv_layer``. A full CUDA graph
-        replays the attention layers without calling them, and vLLM runs one for any batch where each request
-        computes one token, which a request whose prompt was loaded but for its last token is: its forward
-        would read layers whose load is still in flight."""
+        replays the attention layers without calling them, and vLLM (0.32's model runners) runs one for a batch in
+        which every request computes one token, including a request whose prompt was loaded but for its last
+        token: its forward would read layers whose load is still in flight."""
         return True
 
     @classmethod
