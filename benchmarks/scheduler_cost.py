@@ -19,19 +19,18 @@ loads (no extra lookups, but more steps for the same loads).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from e2e_gpu import ARCHS, seed_prompts
+from e2e_gpu import ARCHS, seed_prompts, write_config
+from kvoffload.config import KEYS
 
 BLOCK = 16
+CHUNK = KEYS["chunk_size"].default  # the connector runs with its defaults here
 #: What 24 GB of H100 memory left for the KV cache in the GPU benchmark (vLLM's "GPU KV cache size" line).
 GPU_CACHE_TOKENS = {"qwen3-8b": 49_872, "llama-3.1-8b": 57_760}
 POOL_GB = 16.1  # the benchmark's 15 GiB host pool
@@ -48,12 +47,10 @@ def make_scheduler(arch: str, offload: bool) -> Any:
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
-    model = Path(tempfile.mkdtemp(prefix=f"kvoffload-sched-{arch}-"))
-    (model / "config.json").write_text(json.dumps(ARCHS[arch]))
     transfer = KVTransferConfig(kv_connector="KVOffloadConnector", kv_role="kv_both",
                                 kv_connector_module_path="kvoffload.vllm.connector",
                                 kv_connector_extra_config={"max_local_cpu_size": POOL_GB}) if offload else None
-    config = EngineArgs(model=str(model), skip_tokenizer_init=True, load_format="dummy", max_model_len=16_384,
+    config = EngineArgs(model=write_config(arch), skip_tokenizer_init=True, load_format="dummy", max_model_len=16_384,
                         max_num_batched_tokens=16_384, enable_prefix_caching=False, block_size=BLOCK,
                         kv_transfer_config=transfer).create_engine_config()
     num_blocks = GPU_CACHE_TOKENS[arch] // BLOCK
@@ -159,7 +156,7 @@ def hashing_ms(repeats: int = 50) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        chunk_keys(bytes(32), prompt, 256)
+        chunk_keys(bytes(32), prompt, CHUNK)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -169,11 +166,14 @@ def main() -> None:
     parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3-8b")
     parser.add_argument("--repeats", type=int, default=5, help="seed scripts per mode (medians reported)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     none = measure(args.arch, False, args.repeats)
     offload = measure(args.arch, True, args.repeats)
+    chunks = sum(-(-len(prompt) // CHUNK) for prompt in seed_prompts())
     print(f"vLLM scheduler, seed script ({args.arch} shapes, {GPU_CACHE_TOKENS[args.arch]:,}-token GPU cache), "
           f"medians of {args.repeats}: CPU ms of schedule() + update_from_output() per run of 10 prompts. Run 2 "
-          f"loaded at least {offload['run2']['loaded']:.0f} chunks (all: {10 * -(-10_004 // 256)}).\n")
+          f"loaded at least {offload['run2']['loaded']:.0f} chunks (all: {chunks}).\n")
     print("| run | steps (none / kvoffload) | no connector ms | kvoffload ms | of which kvoffload's hooks ms | "
           "hooks per step ms |")
     print("|---|---|---|---|---|---|")
