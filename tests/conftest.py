@@ -47,6 +47,7 @@ class EngineRun:
     metrics: dict
     log: str
     texts: list[list[str]] | None = None
+    margins: list[list[list[float]]] | None = None  # per round, prompt and token: top-2 logprob margin
 
     def hit_tokens(self) -> list[int]:
         return [int(h) for h in re.findall(r"kvoffload hit tokens: (\d+)", self.log)]
@@ -68,4 +69,5 @@ def run_engine(spec: dict, env: dict | None = None, timeout: float = 420, expect
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"engine failed (exit {proc.returncode}):\n{log[-6000:]}")
     result, _ = json.JSONDecoder().raw_decode(lines[-1])  # another process may append to the same line
-    return EngineRun(rounds=result["rounds"], metrics=result["metrics"], log=log, texts=result.get("texts"))
+    return EngineRun(rounds=result["rounds"], metrics=result["metrics"], log=log, texts=result.get("texts"),
+                     margins=result.get("margins"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import EngineRun, run_engine
+from tests.greedy import assert_same_greedy, differs_beyond_ties
 
 pytestmark = pytest.mark.vllm
 
@@ -41,9 +42,8 @@ def with_plugin(tiny_model: str) -> EngineRun:
 
 
 def test_outputs_identical_with_and_without_connector(baseline: EngineRun, with_plugin: EngineRun) -> None:
-    expected = baseline.rounds[0]
-    assert with_plugin.rounds[0] == expected, "first pass (stores) changed the output"
-    assert with_plugin.rounds[1] == expected, "second pass (loads from the host pool) changed the output"
+    assert_same_greedy(with_plugin.rounds[0], baseline, what="first pass (stores) changed the output")
+    assert_same_greedy(with_plugin.rounds[1], baseline, what="second pass (loads from the host pool) changed the output")
 
 
 def test_second_pass_hits_and_loads(with_plugin: EngineRun) -> None:
@@ -62,13 +62,13 @@ def test_disabling_loads_changes_outputs(tiny_model: str, baseline: EngineRun) -
     """Negative control: the same hits with zeros instead of the stored KV must give other tokens."""
     run = run_engine(spec(tiny_model, connector="tests.connectors", connector_name="NoLoadConnector"))
     assert max(run.hit_tokens()) > 1000
-    assert run.rounds[0][0] == baseline.rounds[0][0]  # the first prompt cannot hit: computed, not loaded
-    assert run.rounds[1] != baseline.rounds[0]
+    assert_same_greedy(run.rounds[0][:1], baseline, [0])  # the first prompt cannot hit: computed, not loaded
+    assert differs_beyond_ties(run.rounds[1], baseline)
 
 
 def test_module_path_selects_connector_without_plugin(tiny_model: str, baseline: EngineRun) -> None:
     run = run_engine(spec(tiny_model, connector="module"), env={"VLLM_PLUGINS": ""})
-    assert run.rounds[1] == baseline.rounds[0]
+    assert_same_greedy(run.rounds[1], baseline)
     assert max(run.hit_tokens()) > 1000
 
 
@@ -79,8 +79,8 @@ def test_eviction_with_pool_smaller_than_working_set(tiny_model: str) -> None:
     # the second round asks in reverse order, so the first lookups find the most recently stored chunks
     run = run_engine({"model": tiny_model, "prompts": prompts, "orders": [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]],
                       "connector": "plugin", "extra_config": {"max_local_cpu_size": 0.0008}})
-    assert run.rounds[0] == base.rounds[0]
-    assert run.rounds[1] == base.rounds[0]
+    assert_same_greedy(run.rounds[0], base, what="first pass")
+    assert_same_greedy(run.rounds[1], base, what="second pass (some chunks evicted)")
     second = run.hit_tokens()[-6:]
     assert second[0] > 0, "the most recent prompt missed although its chunks were the last stored"
     assert sum(second) < 6 * 1099, "everything hit although the pool holds a fifth of the chunks"
@@ -146,4 +146,5 @@ def test_prompt_found_whole_is_answered_right_with_cuda_graphs(tiny_model: str) 
     run = run_engine({"model": tiny_model, "prompts": [OTHER], "rounds": 2, "engine": graphs, "connector": "plugin"})
     assert "requires PIECEWISE CUDA graph mode" in run.log
     assert run.hit_tokens()[-1] == len(OTHER.split()) - 1
-    assert run.rounds == [baseline.rounds[0]] * 2
+    for outputs in run.rounds:
+        assert_same_greedy(outputs, baseline)

@@ -30,6 +30,7 @@ import pytest
 from kvoffload.tiers import disk
 from kvoffload.tiers.disk import HEADER_SIZE, pack_header, unpack_header
 from tests.conftest import EngineRun, run_engine
+from tests.greedy import assert_same_greedy
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.vllm
@@ -109,9 +110,8 @@ def read_only_command(paths: list[Path]) -> str:
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model: str) -> list[list[int]]:
-    run = run_engine({"model": tiny_model, "prompts": PROMPTS, "rounds": 1})
-    return run.rounds[0]
+def baseline(tiny_model: str) -> EngineRun:
+    return run_engine({"model": tiny_model, "prompts": PROMPTS, "rounds": 1})
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +131,10 @@ def disk_runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {"a": a, "b": b, "a_dir": a_dir, "a_files": a_files, "c_dir": c_dir, "keys": stored_keys(key_log)}
 
 
-def test_restart_serves_what_the_previous_engine_stored(disk_runs: dict, baseline: list[list[int]]) -> None:
+def test_restart_serves_what_the_previous_engine_stored(disk_runs: dict, baseline: EngineRun) -> None:
     a, b = disk_runs["a"], disk_runs["b"]
-    expected = [baseline[p] for p in DISK]
-    assert a.rounds[0] == expected
-    assert b.rounds[0] == expected, "outputs served from the disk tier differ from recomputed ones"
+    assert_same_greedy(a.rounds[0], baseline, DISK)
+    assert_same_greedy(b.rounds[0], baseline, DISK, "outputs served from the disk tier differ from recomputed ones")
     # A wrote every chunk before it exited (whole chunks and each prompt's partial tail): shutdown drains
     keys = disk_runs["keys"]
     on_disk = {f.name for f in disk_runs["a_files"]}
@@ -155,7 +154,7 @@ def test_restart_serves_what_the_previous_engine_stored(disk_runs: dict, baselin
 
 
 def test_damaged_and_foreign_files_are_removed_and_recomputed(tiny_model: str, disk_runs: dict,
-                                                            baseline: list[list[int]]) -> None:
+                                                            baseline: EngineRun) -> None:
     root, keys = disk_runs["c_dir"], disk_runs["keys"]
     truncated = chunk_file(root, keys[0][1])  # prompt 0: chunk 0 serves, chunk 1 is cut short
     with open(truncated, "r+b") as f:
@@ -186,8 +185,8 @@ def test_damaged_and_foreign_files_are_removed_and_recomputed(tiny_model: str, d
     finally:
         for d in subdirs:
             set_read_only(d, False)
-    assert run.rounds[0] == [baseline[p] for p in DISK]
-    assert run.rounds[1] == [baseline[4]], "a read-only directory at run time changed the output"
+    assert_same_greedy(run.rounds[0], baseline, DISK)
+    assert_same_greedy(run.rounds[1], baseline, [4], "a read-only directory at run time changed the output")
     first = hits_by_prompt(run, orders)[0]
     assert first == {0: CHUNK, 1: 2 * CHUNK, 2: 0, 3: len(PROMPTS[3]) - 1}, first
     log = run.log
@@ -248,10 +247,10 @@ def redis_runs(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"first": first, "orders": orders, "second": second, "second_disk": second_disk}
 
 
-def test_redis_outage_recomputes_and_hits_again_after_restart(redis_runs: dict, baseline: list[list[int]]) -> None:
+def test_redis_outage_recomputes_and_hits_again_after_restart(redis_runs: dict, baseline: EngineRun) -> None:
     run, orders = redis_runs["first"], redis_runs["orders"]
     for number, (order, outputs) in enumerate(zip(orders, run.rounds)):
-        assert outputs == [baseline[p] for p in order], f"round {number + 1} changed the output"
+        assert_same_greedy(outputs, baseline, order, f"round {number + 1} changed the output")
     hits = hits_by_prompt(run, orders)
     full = {p: len(PROMPTS[p]) - 1 for p in range(len(PROMPTS))}
     assert hits[0] == {0: 0, 1: 0}
@@ -266,9 +265,9 @@ def test_redis_outage_recomputes_and_hits_again_after_restart(redis_runs: dict, 
     assert "Traceback" not in run.log
 
 
-def test_two_engines_share_kv_through_redis(redis_runs: dict, baseline: list[list[int]]) -> None:
+def test_two_engines_share_kv_through_redis(redis_runs: dict, baseline: EngineRun) -> None:
     run = redis_runs["second"]
-    assert run.rounds[0] == [baseline[p] for p in (0, 5, 6)]
+    assert_same_greedy(run.rounds[0], baseline, [0, 5, 6])
     hits = hits_by_prompt(run, [[0, 5, 6]])[0]
     # 5 and 6 were stored by the first engine after the restart; 0 was lost with the restarted server
     assert hits == {0: 0, 5: len(PROMPTS[5]) - 1, 6: len(PROMPTS[6]) - 1}, hits

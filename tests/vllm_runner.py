@@ -9,7 +9,9 @@ state) and read the last stdout line. Spec (JSON, argv[1]):
     between_rounds (shell commands, one per gap between rounds, null to skip one: run after round i
     finished, before round i + 1 starts; a failing command fails the run)
 
-Output: ``{"rounds": [[token ids per prompt], ...], "metrics": {name: value}}``.
+Output: ``{"rounds": [[token ids per prompt], ...], "margins": [[top-2 logprob margin per token, per prompt],
+...], "metrics": {name: value}}``. The margins let tests tell a near-tie from a real difference
+(``tests/greedy.py``); asking for two logprobs does not change what greedy sampling picks.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def main() -> None:
         engine["kv_transfer_config"] = KVTransferConfig(**transfer)
     llm = LLM(**engine)
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
-    params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True)
-    rounds, texts = [], []
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True, logprobs=2)
+    rounds, texts, margins = [], [], []
     orders = spec.get("orders") or [list(range(len(prompts)))] * spec.get("rounds", 1)
     hooks = spec.get("between_rounds") or []
     for number, order in enumerate(orders):
@@ -48,6 +50,7 @@ def main() -> None:
         by_prompt = dict(zip(order, outputs))
         rounds.append([list(by_prompt[i].outputs[0].token_ids) for i in sorted(by_prompt)])
         texts.append([by_prompt[i].outputs[0].text for i in sorted(by_prompt)])
+        margins.append([top2_margins(by_prompt[i].outputs[0].logprobs) for i in sorted(by_prompt)])
     metrics = {}
     for metric in llm.get_metrics():
         if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):
@@ -59,7 +62,16 @@ def main() -> None:
             for sample in family.samples:
                 if sample.name.endswith("_total") or family.type == "gauge":
                     metrics[sample.name] = metrics.get(sample.name, 0) + sample.value
-    print(json.dumps({"rounds": rounds, "texts": texts, "metrics": metrics}), flush=True)
+    print(json.dumps({"rounds": rounds, "texts": texts, "margins": margins, "metrics": metrics}), flush=True)
+
+
+def top2_margins(logprobs) -> list[float]:
+    """Per generated token: the best logprob minus the second best (large when only one was returned)."""
+    out = []
+    for position in logprobs or ():
+        best = sorted((lp.logprob for lp in position.values()), reverse=True)
+        out.append(best[0] - best[1] if len(best) > 1 else 1e9)
+    return out
 
 
 if __name__ == "__main__":
