@@ -50,9 +50,11 @@ def test_namespace_separates_models_salts_and_adapters() -> None:
     other_model = ModelFingerprint(**{**MODEL.__dict__, "kv_dtype": "torch.float8_e4m3fn"})
     namespaces = {
         request_namespace(MODEL), request_namespace(other_model), request_namespace(MODEL, cache_salt="tenant-a"),
-        request_namespace(MODEL, lora_name="adapter-1"),
+        request_namespace(MODEL, adapter="adapter-1"),
         request_namespace(ModelFingerprint(**{**MODEL.__dict__, "tp_size": 2})),
         request_namespace(ModelFingerprint(**{**MODEL.__dict__, "block_size": 32})),
+        request_namespace(ModelFingerprint(**{**MODEL.__dict__, "weights": "other weights, same path"})),
+        request_namespace(ModelFingerprint(**{**MODEL.__dict__, "config": "rope_theta overridden"})),
     }
-    assert len(namespaces) == 6
-    assert len({chunk_keys(ns, TOKENS, 256)[0] for ns in namespaces}) == 6
+    assert len(namespaces) == 8
+    assert len({chunk_keys(ns, TOKENS, 256)[0] for ns in namespaces}) == 8

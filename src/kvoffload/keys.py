@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-#: Bumped whenever the bytes a key stands for change meaning (page layout, header, hashing).
-FORMAT_VERSION = 1
+#: Bumped whenever the bytes a key stands for change meaning (page layout, header, hashing, identity).
+FORMAT_VERSION = 2
 KEY_BYTES = 32
 
 
@@ -36,7 +36,17 @@ class ModelFingerprint:
     block_size: int
     page_bytes: int
     tp_size: int
+    #: Digest of the effective model config (``hf_overrides`` applied), dtype, quantization, KV-cache dtype and
+    #: scales, load format: whatever changes the KV of the same tokens with the same weights.
+    config: str = ""
+    #: Digest of the weight files' content (:mod:`kvoffload.model_digest`); ``""`` when unidentified.
+    weights: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def identified(self) -> bool:
+        """Whether the weights were identified by content; only then may KV be kept beyond this engine."""
+        return bool(self.weights)
 
     def digest(self) -> bytes:
         fields = sorted(asdict(self).items())
@@ -48,12 +58,15 @@ class ModelFingerprint:
         return self.digest().hex()[:16]
 
 
-def request_namespace(model: ModelFingerprint, cache_salt: str | None = None, lora_name: str | None = None) -> bytes:
-    """The seed of a request's key chain: the model plus anything that changes KV for the same tokens."""
+def request_namespace(model: ModelFingerprint, cache_salt: str | None = None, adapter: str | None = None) -> bytes:
+    """The seed of a request's key chain: the model plus anything that changes KV for the same tokens.
+
+    ``adapter`` is the LoRA adapter's content digest (:mod:`kvoffload.model_digest`), never its name: a name
+    can point to other weights after a reload or a restart."""
     h = hashlib.sha256(b"kvoffload-ns\0")
     h.update(model.digest())
     h.update(b"\0salt\0" + (cache_salt or "").encode())
-    h.update(b"\0lora\0" + (lora_name or "").encode())
+    h.update(b"\0lora\0" + (adapter or "").encode())
     return h.digest()
 
 

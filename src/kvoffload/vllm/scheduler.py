@@ -49,7 +49,7 @@ from typing import Any
 
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.vllm.identity import model_fingerprint, pages_per_chunk, slots_per_worker
+from kvoffload.vllm.identity import adapter_digest, model_fingerprint, pages_per_chunk, slots_per_worker
 from kvoffload.tiers.host_index import Entry, HostIndex, SlotState
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
@@ -148,7 +148,10 @@ class OffloadScheduler:
         if request.mm_features or getattr(request, "prompt_embeds", None) is not None:
             return None  # token ids are placeholders for images/embeddings: a key could not prove anything
         lora = getattr(request, "lora_request", None)
-        namespace = request_namespace(self.fingerprint, request.cache_salt, lora.lora_name if lora else None)
+        adapter = adapter_digest(lora) if lora is not None else None
+        if lora is not None and adapter is None:
+            return None  # an adapter that cannot be identified: its KV could be another adapter's
+        namespace = request_namespace(self.fingerprint, request.cache_salt, adapter)
         keys = chunk_keys(namespace, request.prompt_token_ids, self.chunk_size)
         whole = request.num_prompt_tokens // self.chunk_size
         state = _Request(request=request, namespace=namespace, prompt_keys=keys[:whole],
@@ -532,7 +535,8 @@ class OffloadScheduler:
         return finished
 
     def _wants_persistence(self) -> bool:
-        return self.settings.local_disk is not None or self.settings.remote_url is not None
+        return self.fingerprint.identified and (self.settings.local_disk is not None
+                                                or self.settings.remote_url is not None)
 
     def has_pending_work(self) -> bool:
         return self._inflight > 0 or bool(self._loads or self._prefetches)

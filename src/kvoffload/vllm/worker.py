@@ -117,8 +117,9 @@ class OffloadWorker:
         self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
                        f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
         self._report.layout = self.layout
-        fingerprint = storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size)
-        self._open_tiers(fingerprint, num_slots)
+        if model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
+            self._open_tiers(storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size),
+                             num_slots)
         logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB%s",
                     self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
                     ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
