@@ -1,7 +1,8 @@
 """End-to-end benchmark on a GPU: no offloading vs vLLM native offloading vs kvoffload, one run.
 
 Dummy weights of a real architecture (``load_format="dummy"``: timings are the real model's, the tokens
-are meaningless), token-id prompts, ``enforce_eager``, 24 GB of GPU memory as in the seed script, vLLM's
+are meaningless), token-id prompts, ``--graphs eager`` (``enforce_eager``, the earlier runs) or ``default``
+(vLLM's own compilation and CUDA-graph settings, what users run), 24 GB of GPU memory as in the seed script, vLLM's
 own prefix cache off so a repeated prefix is either recomputed or loaded from the offload tier. Each
 mode runs in its own process (one engine each); the parent prints a Markdown table and writes JSON.
 
@@ -13,6 +14,8 @@ Scenarios
          growing by 250 tokens a round, 4 rounds, users served in turn (TTFT p50/p95, requests/s)
   docqa  long-document QA: 6 documents of 8,000 tokens read once, then 3 questions each, interleaved
          (TTFT p50/p95 of the questions, requests/s)
+  decode decode-heavy: 64 concurrent requests, 128-token prompts, 512 output tokens each, twice (output
+         tokens/s of the faster pass; TPOT mean, p50 and p99 from vLLM's inter-token latency histogram)
 
 Usage (on the GPU machine): python benchmarks/e2e_gpu.py --out results.json [--modes none,native,kvoffload]
 
@@ -44,7 +47,7 @@ ARCHS = {
                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          torch_dtype="bfloat16", hidden_act="silu", bos_token_id=128000, eos_token_id=128001),
 }
-SCENARIOS = ("seed", "twice", "chat", "docqa")
+SCENARIOS = ("seed", "twice", "chat", "docqa", "decode")
 SEED_REPEATS = 3
 TWICE_PAIRS = 3
 POOL_GIB = 15.0  # the same host memory for vLLM native (GiB) and kvoffload (converted to GB)
@@ -63,15 +66,15 @@ def seed_prompts(num: int = 10, tokens: int = 10_000, variant: int = 0) -> list[
     return [[1000 + 100 * variant + i, 2000 + i] + [hi] * tokens + [3000, 3001] for i in range(num)]
 
 
-def run_mode(mode: str, arch: str, scenarios: list[str]) -> dict:
+def run_mode(mode: str, arch: str, scenarios: list[str], graphs: str = "eager") -> dict:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     kwargs: dict = dict(model=write_config(arch), load_format="dummy", skip_tokenizer_init=True,
-                        enforce_eager=True, max_model_len=16384, enable_prefix_caching=False,
-                        gpu_memory_utilization=24 / total, seed=0)
+                        enforce_eager=graphs == "eager", max_model_len=16384, enable_prefix_caching=False,
+                        gpu_memory_utilization=24 / total, seed=0, disable_log_stats="decode" not in scenarios)
     if mode == "native":
         kwargs.update(kv_offloading_size=POOL_GIB, kv_offloading_backend="native")
     elif mode.startswith("kvoffload"):
@@ -83,7 +86,7 @@ def run_mode(mode: str, arch: str, scenarios: list[str]) -> dict:
                                                         kv_connector_extra_config=extra)
     start = time.perf_counter()
     llm = LLM(**kwargs)
-    result: dict = {"mode": mode, "arch": arch, "engine_start_s": time.perf_counter() - start}
+    result: dict = {"mode": mode, "arch": arch, "graphs": graphs, "engine_start_s": time.perf_counter() - start}
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
     def timed(prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
@@ -141,7 +144,50 @@ def run_mode(mode: str, arch: str, scenarios: list[str]) -> dict:
                 ttfts.append(seconds)
                 tokens.append(out)
         result["docqa"] = summary(ttfts, time.perf_counter() - start, tokens)
+    if "decode" in scenarios:
+        result["decode"] = decode_heavy(llm)
     return result
+
+
+def decode_heavy(llm, requests: int = 64, prompt_tokens: int = 128, output_tokens: int = 512) -> dict:
+    """Output tokens/s of many concurrent generating requests, and their time per output token."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
+    passes, tokens = [], []
+    before = inter_token_histogram(llm)
+    for round_ in range(2):
+        prompts = [{"prompt_token_ids": [80_000 + 1000 * round_ + r] + [90_000 + i for i in range(prompt_tokens - 1)]}
+                   for r in range(requests)]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        passes.append(time.perf_counter() - t)
+        tokens.append([list(o.outputs[0].token_ids[:8]) for o in outs])
+    counts, total, count = histogram_delta(before, inter_token_histogram(llm))
+    return {"output_tokens_per_s": requests * output_tokens / min(passes), "pass_s": passes,
+            "tpot_mean_s": total / count if count else float("nan"), "tpot_p50_s": quantile(counts, 0.5),
+            "tpot_p99_s": quantile(counts, 0.99), "tokens": tokens}
+
+
+def inter_token_histogram(llm) -> dict:
+    """vLLM's inter-token latency histogram (cumulative bucket counts, sum, count), by either of its names."""
+    for metric in llm.get_metrics():
+        if metric.name in ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+            return {"buckets": dict(metric.buckets), "sum": metric.sum, "count": metric.count}
+    return {"buckets": {}, "sum": 0.0, "count": 0}
+
+
+def histogram_delta(before: dict, after: dict) -> tuple[list[tuple[float, int]], float, int]:
+    counts = sorted((float(le), n - before["buckets"].get(le, 0)) for le, n in after["buckets"].items())
+    return counts, after["sum"] - before["sum"], after["count"] - before["count"]
+
+
+def quantile(cumulative: list[tuple[float, int]], q: float) -> float:
+    """The upper bound of the first bucket holding the q-th observation (a histogram's resolution)."""
+    if not cumulative or cumulative[-1][1] == 0:
+        return float("nan")
+    target = q * cumulative[-1][1]
+    return next(le for le, n in cumulative if n >= target)
 
 
 def summary(ttfts: list[float], total_s: float, tokens: list) -> dict:
@@ -174,6 +220,8 @@ def main() -> None:
     parser.add_argument("--modes", default="none,native,kvoffload")
     parser.add_argument("--arch", default="qwen3-8b", choices=sorted(ARCHS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--graphs", default="eager", choices=["eager", "default"],
+                        help="eager: enforce_eager (earlier runs); default: vLLM's compilation and CUDA graphs")
     parser.add_argument("--out", default="e2e_gpu.json")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="join result files of one arch instead of running")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -184,12 +232,12 @@ def main() -> None:
         return
     scenarios = args.scenarios.split(",")
     if args.child:
-        print("RESULT " + json.dumps(run_mode(args.child, args.arch, scenarios)), flush=True)
+        print("RESULT " + json.dumps(run_mode(args.child, args.arch, scenarios, args.graphs)), flush=True)
         return
     results = []
     for mode in args.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--arch", args.arch,
-                               "--scenarios", args.scenarios], capture_output=True, text=True,
+                               "--scenarios", args.scenarios, "--graphs", args.graphs], capture_output=True, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         Path(args.out).with_suffix(f".{mode}.log").write_text(proc.stdout + proc.stderr)
@@ -198,7 +246,7 @@ def main() -> None:
             continue
         results.append(json.loads(lines[-1][7:]))
         print(f"{mode}: done", flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "arch": args.arch}
+    meta = {"date": time.strftime("%Y-%m-%d"), "arch": args.arch, "graphs": args.graphs}
     try:
         import torch
         import vllm
@@ -254,6 +302,12 @@ def table(meta: dict, results: list[dict]) -> str:
         rows.append(f"| {r['mode']} | {chat.get('ttft_p50_s', 0):.3f} | {chat.get('ttft_p95_s', 0):.3f} | "
                     f"{chat.get('requests_per_s', 0):.2f} | {qa.get('ttft_p50_s', 0):.3f} | "
                     f"{qa.get('ttft_p95_s', 0):.3f} | {qa.get('requests_per_s', 0):.2f} |")
+    rows += ["", "| mode | decode output tok/s | TPOT mean ms | TPOT p50 ms (bucket) | TPOT p99 ms (bucket) |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        dec = r.get("decode", {})
+        rows.append(f"| {r['mode']} | {dec.get('output_tokens_per_s', 0):.0f} | {1e3 * dec.get('tpot_mean_s', 0):.2f} | "
+                    f"{1e3 * dec.get('tpot_p50_s', 0):.1f} | {1e3 * dec.get('tpot_p99_s', 0):.1f} |")
     return "\n".join(rows)
 
 
