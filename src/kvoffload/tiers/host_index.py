@@ -8,7 +8,8 @@ The index decides; it never touches bytes. Every slot is in exactly one of these
 * ``READY``: valid bytes.
 
 A READY entry is evictable (least recently used first) unless a load reads from it or a persistent tier
-still writes it out (``pins``). Slots are fixed-size (one chunk), so "LRU by bytes" and "LRU by slots"
+still writes it out (``pins``). No path frees a pinned slot: ``drop`` of a pinned entry (a chunk written
+out with ``local_cpu`` off while a planned load still reads it) takes effect at its last ``unpin``. Slots are fixed-size (one chunk), so "LRU by bytes" and "LRU by slots"
 are the same thing, and the pool can never exceed its configured size.
 """
 
@@ -31,6 +32,7 @@ class Entry:
     num_pages: int
     state: SlotState
     pins: int = 0
+    dropped: bool = False  # drop() was asked while pinned: freed at the last unpin
 
 
 class HostIndex:
@@ -78,9 +80,15 @@ class HostIndex:
             entry.state = SlotState.READY
 
     def drop(self, key: bytes) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._free.append(entry.slot)
+        """Remove the chunk and free its slot, or, while something still reads it, as soon as nothing does."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        if entry.pins > 0:
+            entry.dropped = True
+            return
+        del self._entries[key]
+        self._free.append(entry.slot)
 
     def pin(self, key: bytes) -> None:
         self._entries[key].pins += 1
@@ -89,6 +97,8 @@ class HostIndex:
         entry = self._entries.get(key)
         if entry is not None and entry.pins > 0:
             entry.pins -= 1
+            if entry.pins == 0 and entry.dropped:
+                self.drop(key)
 
     def clear_idle(self) -> None:
         """Drop every READY, unpinned chunk (``reset_prefix_cache``)."""

@@ -394,7 +394,9 @@ class OffloadScheduler:
     def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
         request = state.request
         prompt = request.num_prompt_tokens
-        limit = computed if self.settings.save_decode_cache else min(computed, prompt)
+        # Only tokens vLLM has verified: with async scheduling or speculative decoding the scheduled tokens run
+        # ahead of all_token_ids (placeholders, drafts that may be rejected); their KV is not a chunk's yet.
+        limit = min(computed, len(request.all_token_ids)) if self.settings.save_decode_cache else min(computed, prompt)
         persist = self.persistent is not None
         copies: list[ChunkCopy] = []
         tokens = 0
@@ -443,6 +445,8 @@ class OffloadScheduler:
             parent = state.decode_keys[-1] if state.decode_keys else (
                 state.prompt_keys[-1] if state.prompt_keys else state.namespace)
             tokens = state.request.all_token_ids[index * self.chunk_size:(index + 1) * self.chunk_size]
+            if len(tokens) < self.chunk_size:  # _plan_stores never asks beyond the verified tokens
+                raise RuntimeError(f"kvoffload: chunk {index} of request {state.request.request_id} is not whole yet")
             state.decode_keys.extend(chunk_keys(state.namespace, tokens, self.chunk_size, start_key=parent,
                                                 include_partial=False))
         return state.decode_keys[chunk - base]
@@ -499,10 +503,11 @@ class OffloadScheduler:
             self._inflight -= 1
             if key in self._prefetch_bad:
                 self._prefetch_bad.pop(key)
-                self.index.drop(key)
-                for state in self._requests.values():  # its pin went with the slot: a later store of the
-                    if key in state.waiting and key in state.pinned:  # key must not lose a pin to our release
+                for state in self._requests.values():  # the waiting requests' pins go first, so that a later
+                    if key in state.waiting and key in state.pinned:  # entry of this key keeps its own pins
                         state.pinned.remove(key)
+                        self.index.unpin(key)
+                self.index.drop(key)
                 if self.persistent is not None:
                     self.persistent.discard(key)
                 self.stats.add("prefetch_failures", 1)

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class OffloadWorker:
         self.kv_cache_config = kv_cache_config
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
-        self.rank = _tp_rank() if rank is None else rank
+        self.rank = _tp_rank(self.world_size) if rank is None else rank
         self.pool: HostPool | None = None
         self.backend: CopyBackend | None = None
         self.tiers: list[ChunkTier] = []
@@ -362,10 +363,13 @@ class OffloadWorker:
         assert self.pool is not None
         payload = self.pool.payload(slot, num_pages)
         outcomes: list[PutResult] = []
+        lock = threading.Lock()  # writers of two tiers may finish at once: report the chunk exactly once
 
         def done(result: PutResult) -> None:
-            outcomes.append(result)
-            if len(outcomes) == len(self.writers):
+            with lock:
+                outcomes.append(result)
+                last = len(outcomes) == len(self.writers)
+            if last:
                 self._results.put(("persist", key, PutResult.STORED in outcomes))
 
         for writer in self.writers:
@@ -449,10 +453,15 @@ def _load_figures(batch: _Batch, share: float, seconds: float) -> str:
     return f"{in_place}, {over_pcie} from the host pool" if batch.nbytes else in_place
 
 
-def _tp_rank() -> int:
+def _tp_rank(world_size: int) -> int:
+    """This worker's tensor-parallel rank. Without vLLM's parallel state only a single worker may assume 0:
+    ranks that all took 0 would share one disk/Redis namespace and read each other's shards."""
     try:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
         return get_tensor_model_parallel_rank()
-    except Exception:  # not initialised (unit tests driving the worker directly)
-        return 0
+    except Exception as exc:
+        if world_size == 1:  # not initialised: one worker (unit tests driving the worker directly)
+            return 0
+        raise RuntimeError(f"kvoffload: cannot read this worker's tensor-parallel rank ({exc}) with {world_size} "
+                           "workers; please report this with your vLLM version") from exc
 

@@ -1,0 +1,85 @@
+"""Fast unit tests of the scheduler's and worker's risky paths, on the harness of ``tests/harness.py``.
+
+Each test is one way the connector could serve or keep the wrong bytes, or hang EngineCore, and fails
+without its fix: a slot freed under a planned load, a chunk key asked of tokens vLLM does not know yet,
+ranks that all believe they are rank 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from kvoffload.config import load_settings  # noqa: E402
+from kvoffload.vllm.worker import OffloadWorker  # noqa: E402
+from tests.harness import (CHUNK, PROMPT, PROMPT_BLOCKS, Blocks, CachedRequestData, Request, SchedulerOutput,  # noqa: E402
+                           TPEngine, kv_cache_config, schedule_new, store_prompt, vllm_config, wait_idle)
+
+
+def test_written_out_chunk_stays_in_its_slot_while_a_planned_load_reads_it(tmp_path: Path) -> None:
+    """``local_cpu: false`` drops a chunk from the pool once it is on disk, but not under a load planned from it:
+    before, its slot was freed and the next store overwrote it while the load was still to run."""
+    engine = TPEngine(world_size=1, local_disk=str(tmp_path), max_local_disk_size=0.01, local_cpu=False)
+    engine.step()  # the workers' layout arrives: stores planned from now on are written to disk
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    shard = engine.pages(0, a_blocks)
+    tier, written = engine.workers[0].tiers[0], threading.Event()
+    put_many = tier.put_many
+    tier.put_many = lambda items: (written.wait(10), put_many(items))[1]  # the write-out waits for the lookup
+    store_prompt(engine, a, a_blocks)
+    b = Request("b", PROMPT)
+    need, _ = engine.scheduler.get_num_new_matched_tokens(b, 0)  # pins a's chunks for b's load
+    assert need == len(PROMPT) - 1
+    written.set()
+    engine.scheduler.request_finished(a, a_blocks)
+    engine.step(finished={"a"})
+    wait_idle(engine)  # the write-out completes: local_cpu is off, so the chunks are dropped... once unpinned
+    c = Request("c", [7] * len(PROMPT))  # another prompt: its stores take whatever slots are free
+    store_prompt(engine, c, list(range(30, 30 + PROMPT_BLOCKS)))
+    b_blocks = list(range(45, 45 + PROMPT_BLOCKS))
+    engine.load_into(b, b_blocks, need)
+    assert torch.equal(engine.pages(0, b_blocks).view(torch.uint8), shard.view(torch.uint8)), \
+        "the load read a slot that was freed and reused"
+    wait_idle(engine)
+    assert all(engine.scheduler.index.get(k) is None for k in engine.keys(a)), "dropped chunks never freed"
+    engine.shutdown()
+
+
+def test_decode_chunk_waits_for_tokens_vllm_has_verified() -> None:
+    """With ``save_decode_cache`` and async scheduling, a step computes the KV of a position whose token is still
+    a placeholder (not in ``all_token_ids``): the chunk it completes is stored a step later, never keyed on
+    tokens that are not there (before: an endless loop on EngineCore's thread)."""
+    engine = TPEngine(world_size=1, save_decode_cache=True)
+    prompt = list(range(500, 500 + 4 * CHUNK - 1))  # 3 whole chunks and a 31-token tail
+    req = Request("r", prompt, max_tokens=8)
+    blocks = list(range(1, 10))
+    assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
+    engine.scheduler.update_state_after_alloc(req, Blocks(blocks), 0)
+    engine.step(schedule_new(req, blocks, 0, len(prompt)))
+    # the next step computes position 127 (the first output token, not known yet: a placeholder)
+    ahead = SchedulerOutput(scheduled_cached_reqs=CachedRequestData(req_ids=["r"], new_block_ids=[None],
+                                                                     num_computed_tokens=[len(prompt)]),
+                            num_scheduled_tokens={"r": 1})
+    done = threading.Event()
+    plans = []
+    thread = threading.Thread(target=lambda: (plans.append(engine.scheduler.build_connector_meta(ahead)),
+                                              done.set()), daemon=True)
+    thread.start()
+    assert done.wait(10), "build_connector_meta never returned"
+    assert all(chunk.key not in engine.scheduler._requests["r"].decode_keys
+               for copies in plans[0].stores for chunk in copies.chunks)
+    engine.shutdown()
+
+
+def test_worker_without_a_known_rank_refuses_to_guess_under_tensor_parallelism() -> None:
+    """Ranks that all fell back to 0 would share one disk/Redis namespace and read each other's shards."""
+    settings = load_settings({"chunk_size": CHUNK}, environ={})
+    with pytest.raises(RuntimeError, match="tensor-parallel rank"):
+        OffloadWorker(vllm_config(2), kv_cache_config(), settings)
+    assert OffloadWorker(vllm_config(1), kv_cache_config(), settings).rank == 0
