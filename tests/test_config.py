@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 
 import pytest
+import redis
 
 from kvoffload.config import KEYS, ConfigError, load_settings
+from kvoffload.tiers.base import PutResult
+from kvoffload.tiers.redis_tier import RedisTier
+from tests.redis_server import RedisServer
+
+#: This host's physical memory in GB, read here independently of kvoffload.
+HOST_GB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
 def settings(extra=None, **env):
@@ -52,7 +61,7 @@ def test_lmcache_files_and_variables_are_aliases(tmp_path, caplog) -> None:
     ({"chunk_size": -1}, {}, ["'chunk_size'", "-1", "positive integer"]),
     ({"chunk_size": "abc"}, {}, ["'chunk_size'", "'abc'"]),
     ({"chunk_size": 2.5}, {}, ["'chunk_size'", "2.5"]),
-    ({"max_local_cpu_size": -5}, {}, ["'max_local_cpu_size'", "-5", "GB >= 0"]),
+    ({"max_local_cpu_size": -5}, {}, ["'max_local_cpu_size'", "-5", "GB > 0"]),
     ({"max_local_cpu_size": "nan"}, {}, ["'max_local_cpu_size'"]),
     ({"max_local_cpu_size": 0}, {}, ["max_local_cpu_size", "staging buffer"]),
     ({"local_cpu": "maybe"}, {}, ["'local_cpu'", "'maybe'", "true or false"]),
@@ -94,7 +103,6 @@ def test_password_is_redacted() -> None:
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    import os
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("KVOFFLOAD_", "LMCACHE_"))}
     return subprocess.run([sys.executable, "-m", "kvoffload.cli", *args], capture_output=True, text=True,
                           env={**clean, **env})
@@ -127,11 +135,11 @@ def test_cli_config_errors_exit_2_without_traceback(env, extra, words) -> None:
 
 def test_cli_serve_builds_the_vllm_command_and_validates_first() -> None:
     from kvoffload.cli import serve_command
-    cmd = serve_command("Qwen/Qwen3-8B", ["--port", "8000"], 20.0, python="python")
+    cmd = serve_command("Qwen/Qwen3-8B", ["--port", "8000"], 2.0, python="python")
     transfer = json.loads(cmd[cmd.index("--kv-transfer-config") + 1])
     assert cmd[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen3-8B"]
     assert transfer == {"kv_connector": "KVOffloadConnector", "kv_role": "kv_both",
-                        "kv_connector_extra_config": {"max_local_cpu_size": 20.0}}
+                        "kv_connector_extra_config": {"max_local_cpu_size": 2.0}}
     proc = _cli("serve", "m", "--cpu-size", "-1")
     assert proc.returncode == 2 and "max_local_cpu_size" in proc.stderr
     proc = _cli("serve", "m", "--kv-transfer-config", "{}")
@@ -146,3 +154,135 @@ def test_pool_smaller_than_one_chunk_is_an_error_naming_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         slots_per_worker(s, world_size=1, slot_bytes=37_748_736)
     assert "'max_local_cpu_size'" in str(err.value) and "0.038 GB" in str(err.value)
+
+
+# ---------------------------------------------------------------- values accepted, then raw errors later
+
+
+def _error(extra=None, **env) -> str:
+    with pytest.raises(ConfigError) as err:
+        settings(extra, **env)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("gb", [round(0.95 * HOST_GB, 1), 10**6])
+def test_cpu_pool_larger_than_host_memory_is_refused_at_load(gb) -> None:
+    message = _error({"max_local_cpu_size": gb})
+    for word in ("'max_local_cpu_size'", "(from kv_connector_extra_config)", f"this host has {HOST_GB:.1f} GB",
+                 f"at most {0.9 * HOST_GB:.1f} GB"):
+        assert word in message
+    assert "env:KVOFFLOAD_MAX_LOCAL_CPU_SIZE" in _error(KVOFFLOAD_MAX_LOCAL_CPU_SIZE=str(gb))
+    assert settings({"max_local_cpu_size": round(0.5 * HOST_GB, 1)}).max_local_cpu_size == round(0.5 * HOST_GB, 1)
+
+
+def test_cpu_pool_range_is_stated_one_way() -> None:
+    """The accepted form (also the docs' settings table) is what every refusal of the key says."""
+    accepted = KEYS["max_local_cpu_size"].accepted
+    assert "GB > 0" in accepted and "90%" in accepted
+    for value in (-5, 0, "0", 10**6):
+        assert f"expected {accepted}" in _error({"max_local_cpu_size": value})
+
+
+@pytest.mark.parametrize("value", [1e300, "1e300", 3601, "inf", -1])
+def test_remote_timeout_is_bounded(value) -> None:
+    message = _error({"remote_timeout": value})
+    assert "'remote_timeout'" in message and "<= 3600" in message and "kv_connector_extra_config" in message
+
+
+@pytest.mark.parametrize("value", [1e17, 2**31, "1e300"])
+def test_remote_ttl_is_bounded(value) -> None:
+    message = _error(KVOFFLOAD_REMOTE_TTL=str(value))
+    assert "'remote_ttl'" in message and "2147483647" in message and "env:KVOFFLOAD_REMOTE_TTL" in message
+
+
+def test_longest_timeout_and_ttl_work_on_a_real_server(redis_server: RedisServer) -> None:
+    """The bounds are ones the socket layer and Redis's SET … PX accept (1e17 s made every SET fail)."""
+    s = settings({"remote_url": redis_server.url, "remote_timeout": 3600, "remote_ttl": 2**31 - 1})
+    tier = RedisTier(s.remote_url, bytes(32), None, s.remote_timeout, s.remote_ttl)
+    try:
+        assert tier.put((1).to_bytes(32, "big"), memoryview(b"x" * 64)) == PutResult.STORED
+        client = redis.Redis.from_url(redis_server.url)
+        (name,) = client.keys("kvoffload:*")
+        assert client.ttl(name) > 2**31 - 10
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("url, words", [
+    ("redis://:s3cret@h:6379/99", ["database '99'", "0 to 15", "databases 16"]),
+    ("redis://h:6379/0?db=16", ["db='16'", "0 to 15"]),
+    ("redis://h:6379/abc", ["database 'abc'"]),
+    ("redis://h:6379/0?socket_timeout=abc", ["socket_timeout='abc'", "number of seconds"]),
+    ("redis://h:6379/0?socket_connect_timeout=1e300", ["socket_connect_timeout='1e300'", "<= 3600"]),
+    ("redis://h:6379/0?socket_keepalive=maybe", ["socket_keepalive='maybe'", "true or false"]),
+    ("redis://h:6379/0?retry_on_timeout=true", ["unknown query option 'retry_on_timeout'", "socket_timeout"]),
+    ("redis://h:6379/0?ssl_cert_reqs=none", ["unknown query option 'ssl_cert_reqs'", "with rediss://"]),
+    ("rediss://h:6379/0?ssl_cert_reqs=sometimes", ["ssl_cert_reqs='sometimes'", "none, optional or required"]),
+])
+def test_remote_url_database_and_query_options_are_checked(url, words) -> None:
+    message = _error({"remote_url": url})
+    assert "'remote_url'" in message and "(from kv_connector_extra_config)" in message
+    assert "s3cret" not in message  # the password is masked in the error too
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("url", [
+    "redis://h:6379", "redis://h:6379/", "redis://h:6379/15?socket_timeout=0.2&socket_keepalive=true",
+    "rediss://h:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false",
+    "valkeys://h:6380/3",
+])
+def test_valid_remote_urls_are_accepted_and_redis_py_reads_them(url) -> None:
+    assert settings({"remote_url": url}).remote_url == url
+    redis.connection.parse_url(url.replace("valkeys://", "rediss://"))  # would raise on what we let through
+
+
+@pytest.mark.parametrize("extra", [[1, 2], "x", 5])
+def test_extra_config_that_is_not_a_mapping_is_a_config_error(extra) -> None:
+    message = _error(extra)
+    assert "kv_connector_extra_config must be a mapping" in message and type(extra).__name__ in message
+
+
+def test_infinite_chunk_size_is_a_config_error() -> None:
+    assert "'chunk_size'" in _error({"chunk_size": float("inf")})
+
+
+def test_lmcache_feature_set_to_false_is_accepted_with_a_note(tmp_path, caplog) -> None:
+    path = tmp_path / "lmcache.yaml"
+    path.write_text("chunk_size: 256\nuse_layerwise: false\nenable_blending: 0\n")
+    with caplog.at_level(logging.INFO, logger="kvoffload"):
+        s = settings({"enable_pd": False}, LMCACHE_CONFIG_FILE=str(path), LMCACHE_ENABLE_P2P="False",
+                     LMCACHE_GDS_PATH="")
+    assert s == settings()
+    notes = " ".join(r.getMessage() for r in caplog.records if r.levelno <= logging.INFO)
+    for word in ("use_layerwise", "enable_blending", "LMCACHE_ENABLE_P2P", "enable_pd", "LMCACHE_GDS_PATH"):
+        assert word in notes
+    # a true value still turns the feature on, and is still refused
+    assert "peer-to-peer" in _error(LMCACHE_ENABLE_P2P="True")
+    path.write_text("use_layerwise: true\n")
+    assert "layer-wise" in _error(LMCACHE_CONFIG_FILE=str(path))
+
+
+@pytest.mark.parametrize("env, extra, words", [
+    ({}, '{"max_local_cpu_size": 1000000}', ["'max_local_cpu_size'", "this host has"]),
+    ({"KVOFFLOAD_REMOTE_TIMEOUT": "1e300"}, None, ["'remote_timeout'", "env:KVOFFLOAD_REMOTE_TIMEOUT"]),
+    ({"KVOFFLOAD_REMOTE_URL": "redis://h:1/99"}, None, ["'remote_url'", "0 to 15"]),
+    ({"KVOFFLOAD_REMOTE_URL": "redis://h:1/0?socket_timeout=abc"}, None, ["'remote_url'", "socket_timeout"]),
+    ({"KVOFFLOAD_REMOTE_TTL": "1e17"}, None, ["'remote_ttl'", "2147483647"]),
+    ({}, "[1,2]", ["kv_connector_extra_config must be a mapping", "list"]),
+    ({"LMCACHE_ENABLE_P2P": "True"}, None, ["LMCACHE_ENABLE_P2P", "does not have"]),
+])
+def test_cli_config_refuses_what_the_engine_would_fail_on(env, extra, words) -> None:
+    proc = _cli("config", *(["--extra-config", extra] if extra else []), **env)
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in proc.stderr
+
+
+def test_cli_config_says_what_only_the_engine_checks() -> None:
+    proc = _cli("config", "--json", "--extra-config", '{"chunk_size": 100}', LMCACHE_ENABLE_P2P="False")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["chunk_size"]["value"] == 100  # the note leaves stdout JSON
+    assert "checked only when the engine starts" in proc.stderr
+    assert "chunk_size 100 must be a multiple of the engine's KV block size" in proc.stderr

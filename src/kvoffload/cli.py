@@ -15,7 +15,17 @@ import sys
 from typing import Any
 
 from kvoffload import CONNECTOR_NAME, __version__
-from kvoffload.config import KEYS, ConfigError, load_settings
+from kvoffload.config import KEYS, ConfigError, Settings, load_settings
+
+
+def engine_start_note(settings: Settings) -> str:
+    """What ``kvoffload config`` cannot check: it depends on the model and vLLM's settings, known at engine start."""
+    return (
+        "kvoffload: note: checked only when the engine starts, where the model and vLLM's settings are known: "
+        f"chunk_size {settings.chunk_size} must be a multiple of the engine's KV block size; each tensor-parallel "
+        "rank's share of max_local_cpu_size must hold one chunk of the model; local_disk must be a writable "
+        "directory; the remote_url server is not contacted here"
+    )
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -24,11 +34,12 @@ def _config(args: argparse.Namespace) -> int:
     values = settings.redacted()
     if args.json:
         print(json.dumps({k: {"value": values[k], "source": settings.sources[k]} for k in KEYS}, indent=2))
-        return 0
-    width = max(len(k) for k in KEYS)
-    print(f"{'setting':<{width}}  {'value':<24}  source")
-    for key in KEYS:
-        print(f"{key:<{width}}  {json.dumps(values[key]):<24}  {settings.sources[key]}")
+    else:
+        width = max(len(k) for k in KEYS)
+        print(f"{'setting':<{width}}  {'value':<24}  source")
+        for key in KEYS:
+            print(f"{key:<{width}}  {json.dumps(values[key]):<24}  {settings.sources[key]}")
+    print(engine_start_note(settings), file=sys.stderr)
     return 0
 
 

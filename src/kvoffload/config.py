@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import yaml
 
@@ -59,6 +60,26 @@ class ConfigError(ValueError):
     """A setting is wrong. The message names the key, the value, its source and the accepted form."""
 
 
+class _Refused(ValueError):
+    """A parse failure that says why; the reason is added to the :class:`ConfigError` (Python's own text never is)."""
+
+
+#: The host pool may take at most this share of the host's physical memory; the rest is for the operating
+#: system and vLLM's own host memory. Checked at load, so ``kvoffload config`` sees what the allocator would.
+MAX_HOST_MEMORY_SHARE = 0.9
+#: Longest ``remote_timeout`` (and ``socket_timeout`` in ``remote_url``): a remote call that may take longer
+#: than an hour is no cache, and much larger numbers overflow the socket layer when the tier starts.
+MAX_REMOTE_TIMEOUT = 3600.0
+#: Longest ``remote_ttl``: 2**31 - 1 s (68 years). Redis refuses ``SET … PX`` when now + PX milliseconds does
+#: not fit in 64 bits (above about 9.2e15 s), which would make every write fail while the tier looks up.
+MAX_REMOTE_TTL = 2**31 - 1
+#: Redis's and Valkey's default ``databases 16``: database numbers 0 to 15.
+REDIS_DATABASES = 16
+_REMOTE_SCHEMES = {"redis", "rediss", "valkey", "valkeys"}
+_TLS_SCHEMES = {"rediss", "valkeys"}
+_OFF_WORDS = {"", "0", "false", "no", "off", "none", "null"}
+
+
 @dataclass(frozen=True)
 class _Key:
     name: str
@@ -91,26 +112,53 @@ def _parse_positive_int(key: str, value: Any) -> int:
     return number
 
 
-def _parse_size_gb(key: str, value: Any) -> float:
+def _parse_number(value: Any) -> float:
+    """A finite number, from a number or a numeric string; booleans, NaN and infinities are not numbers."""
     if isinstance(value, bool):
         raise ValueError
     number = float(value.strip() if isinstance(value, str) else value)
-    if not number >= 0 or number == float("inf"):  # also rejects NaN
+    if not math.isfinite(number):
         raise ValueError
     return number
 
 
-def _parse_seconds(key: str, value: Any) -> float:
-    number = _parse_size_gb(key, value)
-    if number == 0:
+def _parse_size_gb(key: str, value: Any) -> float:
+    number = _parse_number(value)
+    if number < 0:
         raise ValueError
     return number
 
 
-def _parse_optional_seconds(key: str, value: Any) -> float | None:
+def host_memory_bytes() -> int:
+    """Physical memory of this host (a container's memory limit is not read)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _parse_cpu_size_gb(key: str, value: Any) -> float:
+    number = _parse_number(value)
+    if number <= 0:
+        raise _Refused("the host pool is also the staging buffer of the disk and remote tiers")
+    memory_gb = host_memory_bytes() / 1e9
+    if number > MAX_HOST_MEMORY_SHARE * memory_gb:
+        raise _Refused(f"this host has {memory_gb:.1f} GB of physical memory, so at most "
+                       f"{MAX_HOST_MEMORY_SHARE * memory_gb:.1f} GB")
+    return number
+
+
+def _parse_timeout(key: str, value: Any) -> float:
+    number = _parse_number(value)
+    if not 0 < number <= MAX_REMOTE_TIMEOUT:
+        raise ValueError
+    return number
+
+
+def _parse_ttl(key: str, value: Any) -> float | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
         return None
-    return _parse_seconds(key, value)
+    number = _parse_number(value)
+    if not 0 < number <= MAX_REMOTE_TTL:
+        raise ValueError
+    return number
 
 
 def _parse_disk_path(key: str, value: Any) -> str | None:
@@ -128,6 +176,65 @@ def _parse_disk_path(key: str, value: Any) -> str | None:
     return str(Path(value).expanduser())
 
 
+def _db_number(text: str) -> None:
+    if not (text.isascii() and text.isdigit()) or int(text) >= REDIS_DATABASES:
+        raise ValueError
+
+
+def _seconds_text(text: str) -> None:
+    _parse_timeout("", text)
+
+
+def _bool_text(text: str) -> None:
+    _parse_bool("", text)
+
+
+def _any_text(text: str) -> None:
+    pass
+
+
+def _cert_reqs(text: str) -> None:
+    if text not in {"none", "optional", "required"}:
+        raise ValueError
+
+
+_DB_ACCEPTED = f"0 to {REDIS_DATABASES - 1} (Redis's default `databases {REDIS_DATABASES}`)"
+_SECONDS_ACCEPTED = f"a number of seconds > 0 and <= {MAX_REMOTE_TIMEOUT:g}"
+#: ``remote_url`` query options as redis-py reads them: check, accepted form. Others are refused: redis-py
+#: passes them on as client arguments it may not know, or turns on retries that multiply the timeout.
+_URL_OPTIONS: dict[str, tuple[Callable[[str], None], str]] = {
+    "db": (_db_number, _DB_ACCEPTED),
+    "socket_timeout": (_seconds_text, _SECONDS_ACCEPTED),
+    "socket_connect_timeout": (_seconds_text, _SECONDS_ACCEPTED),
+    "socket_keepalive": (_bool_text, "true or false"),
+}
+#: Options of the TLS client only (rediss://, valkeys://).
+_TLS_URL_OPTIONS: dict[str, tuple[Callable[[str], None], str]] = {
+    "ssl_cert_reqs": (_cert_reqs, "none, optional or required"),
+    "ssl_ca_certs": (_any_text, "a file path"),
+    "ssl_check_hostname": (_bool_text, "true or false"),
+}
+
+
+def _check_url(scheme: str, path: str, query: str) -> None:
+    """The database and query options of a ``remote_url``, checked as redis-py will read them."""
+    if path not in {"", "/"}:
+        try:
+            _db_number(path[1:])
+        except ValueError:
+            raise _Refused(f"database {path[1:]!r}: expected {_DB_ACCEPTED}") from None
+    known = {**_URL_OPTIONS, **(_TLS_URL_OPTIONS if scheme in _TLS_SCHEMES else {})}
+    for name, texts in parse_qs(query).items():  # as redis-py: the first value; blank values dropped
+        if name not in known:
+            tls = "" if scheme in _TLS_SCHEMES else f"; with rediss:// also {', '.join(_TLS_URL_OPTIONS)}"
+            raise _Refused(f"unknown query option {name!r}: known are {', '.join(known)}{tls}")
+        check, accepted = known[name]
+        try:
+            check(texts[0])
+        except ValueError:
+            raise _Refused(f"query option {name}={texts[0]!r}: expected {accepted}") from None
+
+
 def _parse_remote_url(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -137,12 +244,13 @@ def _parse_remote_url(key: str, value: Any) -> str | None:
     if value.lower() in {"", "none", "null"}:
         return None
     parsed = urlparse(value)
-    if parsed.scheme not in {"redis", "rediss", "valkey", "valkeys"} or not parsed.hostname:
+    if parsed.scheme not in _REMOTE_SCHEMES or not parsed.hostname:
         raise ValueError
     try:
         parsed.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ValueError from None
+    _check_url(parsed.scheme, parsed.path, parsed.query)
     return value
 
 
@@ -159,17 +267,19 @@ KEYS: dict[str, _Key] = {
              "Tokens per stored chunk: the unit of lookup, storage and eviction."),
         _Key("local_cpu", True, _parse_bool, "true or false",
              "Keep chunks in the host pool as a cache; false keeps the pool only as the staging buffer of slower tiers."),
-        _Key("max_local_cpu_size", 5.0, _parse_size_gb, "a number of GB >= 0",
+        _Key("max_local_cpu_size", 5.0, _parse_cpu_size_gb,
+             f"a number of GB > 0 and at most {MAX_HOST_MEMORY_SHARE:.0%} of the host's physical memory",
              "Size of the host memory pool in GB (10^9 bytes) for the whole engine, split evenly over tensor-parallel ranks; pinned when CUDA is present."),
         _Key("local_disk", None, _parse_disk_path, "a directory path (or file:// URL), or null",
              "Directory of the persistent disk tier; unset means no disk tier."),
         _Key("max_local_disk_size", 0.0, _parse_size_gb, "a number of GB >= 0 (> 0 when local_disk is set)",
              "Byte limit of the disk tier in GB; least recently used chunks are removed above it."),
-        _Key("remote_url", None, _parse_remote_url, "redis://[:password@]host:port/db, rediss://… (TLS), or null",
+        _Key("remote_url", None, _parse_remote_url,
+             f"redis://[:password@]host:port/db with db 0 to {REDIS_DATABASES - 1}, rediss://… (TLS), or null",
              "Redis or Valkey server shared by several engines; unset means no remote tier."),
-        _Key("remote_timeout", 0.5, _parse_seconds, "a number of seconds > 0",
+        _Key("remote_timeout", 0.5, _parse_timeout, _SECONDS_ACCEPTED,
              "Longest time any remote operation may take before the request falls back to recompute."),
-        _Key("remote_ttl", None, _parse_optional_seconds, "a number of seconds > 0, or null for no expiry",
+        _Key("remote_ttl", None, _parse_ttl, f"a number of seconds > 0 and <= {MAX_REMOTE_TTL} (2**31 - 1), or null for no expiry",
              "Expiry of chunks written to the remote tier."),
         _Key("save_decode_cache", False, _parse_bool, "true or false",
              "Also store chunks made of generated tokens, not only the prompt."),
@@ -242,13 +352,40 @@ def _unknown_key_error(key: str, source: str, name: str | None = None) -> Config
     return ConfigError(f"unknown setting {key!r} (from {source}){did_you_mean} Known settings: {', '.join(KEYS)}")
 
 
+def _lmcache_feature_off(key: str, name: str, value: Any, source: str) -> bool:
+    """True for an LMCache-only key whose value leaves its feature off: nothing to refuse, kvoffload lacks it anyway."""
+    if name not in LMCACHE_ONLY_KEYS:
+        return False
+    off = (value is None or (isinstance(value, (int, float)) and value == 0)  # False and 0 (booleans are ints)
+           or (isinstance(value, str) and value.strip().lower() in _OFF_WORDS))
+    if not off:
+        return False
+    logger.info("kvoffload: %s=%r (from %s) leaves %s off; kvoffload does not have it", key, value, source,
+                LMCACHE_ONLY_KEYS[name])
+    return True
+
+
+def _shown(key: str, value: Any) -> Any:
+    """The value as an error message may show it: a password in ``remote_url`` is masked."""
+    if key != "remote_url" or not isinstance(value, str):
+        return value
+    try:
+        return redact_url(value)
+    except ValueError:  # not even a URL, e.g. an unclosed IPv6 bracket: it may hold anything
+        return "<not a URL>"
+
+
 def _parse_value(key: str, value: Any, source: str) -> Any:
     spec = KEYS[key]
     try:
         return spec.parse(key, value)
-    except (ValueError, TypeError):
+    except _Refused as exc:
         raise ConfigError(
-            f"invalid value {value!r} for {key!r} (from {source}): expected {spec.accepted}"
+            f"invalid value {_shown(key, value)!r} for {key!r} (from {source}): expected {spec.accepted}; {exc}"
+        ) from None
+    except (ValueError, TypeError, OverflowError):
+        raise ConfigError(
+            f"invalid value {_shown(key, value)!r} for {key!r} (from {source}): expected {spec.accepted}"
         ) from None
 
 
@@ -276,7 +413,7 @@ def _collect(raw: Mapping[str, Any], source: str, values: dict[str, Any], source
         name = str(key).lower()
         if name.startswith("kvoffload."):
             name = name[len("kvoffload."):]
-        if lmcache and name in LMCACHE_NOOP_KEYS:
+        if (lmcache and name in LMCACHE_NOOP_KEYS) or _lmcache_feature_off(str(key), name, value, source):
             continue
         if name not in KEYS:
             raise _unknown_key_error(str(key), source, name)
@@ -310,6 +447,8 @@ def load_settings(
             if lmcache and name in LMCACHE_NOOP_KEYS:
                 used_lmcache.append(env_name)
                 continue
+            if _lmcache_feature_off(env_name, name, env[env_name], f"environment variable {env_name}"):
+                continue
             if name not in KEYS:
                 if lmcache and name not in LMCACHE_ONLY_KEYS:
                     # Other LMCACHE_* variables belong to LMCache itself (it may be installed too).
@@ -320,12 +459,17 @@ def load_settings(
             if lmcache:
                 used_lmcache.append(env_name)
 
+    if extra_config is not None and not isinstance(extra_config, Mapping):
+        raise ConfigError(f"kv_connector_extra_config must be a mapping of settings (a JSON object), got "
+                          f"{type(extra_config).__name__} {extra_config!r}")
     if extra_config:
         _collect(extra_config, "kv_connector_extra_config", values, sources, lmcache=False)
 
     if used_lmcache:
         logger.info("kvoffload: reading LMCache settings %s as kvoffload settings", ", ".join(sorted(set(used_lmcache))))
 
+    for name in [n for n in KEYS if n not in values]:  # defaults pass the same checks: 5 GB fits not every host
+        values[name] = _parse_value(name, KEYS[name].default, "default")
     settings = Settings(**values, sources=sources, password_env=env.get(PASSWORD_ENV) or None)
     _check_consistency(settings)
     return settings
@@ -336,12 +480,6 @@ def _check_consistency(s: Settings) -> None:
         raise ConfigError(
             f"local_disk is set to {s.local_disk!r} (from {s.sources['local_disk']}) but max_local_disk_size is "
             f"{s.max_local_disk_size} (from {s.sources['max_local_disk_size']}): expected a number of GB > 0"
-        )
-    if s.max_local_cpu_size <= 0:
-        # The pool is also the staging buffer of the disk and remote tiers, so it is never optional.
-        raise ConfigError(
-            f"max_local_cpu_size is {s.max_local_cpu_size} (from {s.sources['max_local_cpu_size']}): expected a "
-            f"number of GB > 0 (the host pool is also the staging buffer of the disk and remote tiers)"
         )
     if not s.local_cpu and s.local_disk is None and s.remote_url is None:
         raise ConfigError(
