@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvoffload.config import load_settings
+from kvoffload.vllm import compat  # noqa: F401  (refuses an unknown vLLM release at import)
 from kvoffload.vllm.identity import model_fingerprint
 from kvoffload.vllm.logs import route_through_vllm
 from kvoffload.vllm.plan import StepPlan

@@ -359,7 +359,7 @@ class OffloadScheduler:
         plan = StepPlan(slot_bytes=self.slot_bytes, loads=self._loads, prefetches=self._prefetches)
         self._loads, self._prefetches = [], []
         self._running.update(scheduler_output.num_scheduled_tokens)
-        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+        for req_id in scheduler_output.preempted_req_ids or ():  # fields checked at start (kvoffload.vllm.compat)
             self._running.discard(req_id)
             state = self._requests.get(req_id)
             if state is not None:
@@ -374,7 +374,7 @@ class OffloadScheduler:
             self._plan_stores(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id],
                               plan)
         cached = scheduler_output.scheduled_cached_reqs
-        resumed = getattr(cached, "resumed_req_ids", None) or set()
+        resumed = cached.resumed_req_ids or set()
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
             if state is None:
@@ -469,12 +469,12 @@ class OffloadScheduler:
         return state.stored_any, None
 
     def update_connector_output(self, connector_output: Any) -> None:
-        self._async_loads.difference_update(getattr(connector_output, "finished_recving", None) or ())
-        for req_id in getattr(connector_output, "finished_sending", None) or ():  # vLLM frees their blocks now
+        self._async_loads.difference_update(connector_output.finished_recving or ())
+        for req_id in connector_output.finished_sending or ():  # vLLM frees their blocks now
             for key in self._held_keys.pop(req_id, ()):
                 if self._held.get(key, (None,))[0] == req_id:
                     del self._held[key]
-        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        report = connector_output.kv_connector_worker_meta
         if not isinstance(report, WorkerReport):
             return
         if report.layout is not None and self.persistent is None and self._wants_persistence():
