@@ -337,3 +337,64 @@ def test_hung_server_costs_the_scheduler_one_bounded_wait(redis_server: RedisSer
     wait_until(lambda: lookup.count_leading(keys) == 4, "the lookup did not see the server come back")
     lookup.close()
     writer.close()
+
+
+KEY_A, KEY_B = b"a" * 32, b"b" * 32
+
+
+def signed_tier(server: RedisServer, auth_key: bytes | None) -> RedisTier:
+    return RedisTier(server.url, FP, None, TIMEOUT, None, auth_key)
+
+
+def test_signed_entries_need_the_same_secret(redis_server: RedisServer) -> None:
+    signed_tier(redis_server, KEY_A).put_many([(key(i), payload(i)) for i in range(3)])
+    raw = redis.Redis.from_url(redis_server.url)
+    assert raw.strlen(raw_name(key(0))) == HEADER_SIZE + CHUNK + redis_tier.MAC_SIZE
+    same = signed_tier(redis_server, KEY_A)
+    assert read(same, key(0)) == bytes(payload(0)) and same.stats.corrupt == 0
+    for reader, k in [(signed_tier(redis_server, KEY_B), key(1)), (signed_tier(redis_server, None), key(2))]:
+        assert read(reader, k) is None
+        assert reader.stats.corrupt == 1 and reader.drain_removed() == [k]
+        assert raw.exists(raw_name(k)) == 0  # deleted, like any entry that must not be served
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "wrong_signature", "payload_swapped"])
+def test_forged_entry_with_a_valid_checksum_is_refused(redis_server: RedisServer, forgery: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """An attacker who can write to the server computes the header and xxh3 checksum as kvoffload does."""
+    from kvoffload.tiers.disk import pack_header
+    tier = signed_tier(redis_server, KEY_A)
+    tier.put(key(1), payload(1))
+    raw = redis.Redis.from_url(redis_server.url)
+    evil = memoryview(bytes(CHUNK))  # same size, other content
+    forged = pack_header(key(1), FP, evil) + bytes(evil)
+    if forgery == "wrong_signature":
+        forged += bytes(redis_tier.MAC_SIZE)
+    elif forgery == "payload_swapped":  # the genuine signature kept, header and payload replaced
+        forged += raw.get(raw_name(key(1)))[-redis_tier.MAC_SIZE:]
+    raw.set(raw_name(key(1)), forged)
+    out = bytearray(b"\x01" * CHUNK)
+    with caplog.at_level(logging.WARNING, logger="kvoffload.tiers.redis_tier"):
+        assert tier.get_into(key(1), memoryview(out)) is False
+    assert out == b"\x01" * CHUNK  # nothing of the forgery reached the buffer
+    assert tier.stats.corrupt == 1 and raw.exists(raw_name(key(1))) == 0
+    assert ("not signed" if forgery == "unsigned" else "signature mismatch") in caplog.text
+    assert KEY_A.decode() not in caplog.text
+
+
+def test_auth_key_file_from_the_settings(redis_server: RedisServer, tmp_path) -> None:
+    secret = tmp_path / "kv.key"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    settings = load_settings({"remote_url": redis_server.url, "remote_auth_key_file": str(secret)}, environ={})
+    assert settings.remote_auth_key() == b"0123456789abcdef0123456789abcdef"  # the newline is not part of it
+    writer = RedisTier.from_settings(settings, FP)
+    writer.put(key(1), payload(1))
+    assert read(signed_tier(redis_server, b"0123456789abcdef0123456789abcdef"), key(1)) == bytes(payload(1))
+    assert b"0123456789abcdef" not in b"".join(redis.Redis.from_url(redis_server.url).keys("*"))
+    secret.write_text("short\n")
+    with pytest.raises(ConfigError, match="remote_auth_key_file.*holds 5 bytes: expected at least 16"):
+        RedisTier.from_settings(settings, FP)
+    missing = load_settings({"remote_url": redis_server.url, "remote_auth_key_file": str(tmp_path / "none")},
+                            environ={})
+    with pytest.raises(ConfigError, match="cannot read remote_auth_key_file"):
+        RedisTier.from_settings(missing, FP)

@@ -21,6 +21,13 @@ exception from it. So:
   most, not one per chunk. A command the server refuses inside a batch (out of memory, wrong type) fails
   that chunk only and is logged once per kind.
 
+With a shared secret (``remote_auth_key_file``) each value also ends with an HMAC-SHA256 of the header
+and the payload, so only an engine holding the secret can write an entry that is served: the xxh3
+checksum catches accidents, not a writer who computes it too. A tier with a secret treats an unsigned
+or wrongly signed entry as corrupt (miss, counted, deleted); a tier without one treats a signed entry
+the same way, so engines sharing a server must all use the same secret or none. Nothing derived from
+the secret is stored on the server but the signatures.
+
 ``stats.errors`` counts the chunks a put or get could not serve because of the server (a failed call, a
 refused command, an unexpected reply, or the tier being down); ``contains`` answers False while down and
 is not counted. The password is never logged: URLs are redacted and any message from the client has it
@@ -29,11 +36,13 @@ masked.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 from urllib.parse import unquote, urlparse
 
 import redis
@@ -46,12 +55,18 @@ from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.disk import (HEADER_SIZE, BadEntry, OnceLog, byte_view, check_header, pack_header,
                                   unpack_header)
 
+if TYPE_CHECKING:
+    from kvoffload.config import Settings
+
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = b"kvoffload:"
 _SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
 #: How often a down tier pings the server; short, so a restarted server is used again quickly.
 _RETRY_SECONDS = 1.0
+MAC_SIZE = hashlib.sha256().digest_size
+#: Signed first, so a signature made with the same secret for another purpose never verifies here.
+_MAC_CONTEXT = b"kvoffload remote entry v1\0"
 _T = TypeVar("_T")
 
 
@@ -93,10 +108,11 @@ class RedisTier(ChunkTier):
     name = "redis"
 
     def __init__(self, url: str, fingerprint: bytes, password: str | None, timeout: float,
-                 ttl: float | None) -> None:
+                 ttl: float | None, auth_key: bytes | None = None) -> None:
         if len(fingerprint) != 32:
             raise ValueError(f"fingerprint must be 32 bytes, got {len(fingerprint)}")
         self.fingerprint = fingerprint
+        self._auth_key = auth_key
         self.stats = TierStats()
         self._client = connect(url, password, timeout)
         self._secret = password or (unquote(urlparse(url).password or "") or None)
@@ -111,7 +127,15 @@ class RedisTier(ChunkTier):
         self._removed: list[bytes] = []
         self._log = OnceLog(logger)
         if self._run(self._client.ping) is not None:
-            logger.info("kvoffload remote tier %s: connected", self._where)
+            logger.info("kvoffload remote tier %s: connected%s", self._where,
+                        ", entries signed" if auth_key is not None else "")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, fingerprint: bytes) -> RedisTier:
+        """The tier ``settings`` describe; raises ConfigError if ``remote_auth_key_file`` cannot be used."""
+        assert settings.remote_url is not None
+        return cls(settings.remote_url, fingerprint, settings.remote_password, settings.remote_timeout,
+                   settings.remote_ttl, settings.remote_auth_key())
 
     # ---------------------------------------------------------------- ChunkTier
 
@@ -127,7 +151,7 @@ class RedisTier(ChunkTier):
         def send() -> list:  # builds the values only when the server is asked: no copies while down
             pipe = self._client.pipeline(transaction=False)
             for key, view in views:
-                pipe.set(self._name(key), b"".join((pack_header(key, self.fingerprint, view), view)), px=self._px)
+                pipe.set(self._name(key), self._value(key, view), px=self._px)
             return _expect(pipe.execute(raise_on_error=False), lambda reply: reply is True)
 
         replies = self._run(send)
@@ -187,7 +211,7 @@ class RedisTier(ChunkTier):
                                   "recomputes this chunk", self._where, self._name(key).decode(), exc)
                 results.append(False)
                 continue
-            out[:] = memoryview(reply)[HEADER_SIZE:]
+            out[:] = memoryview(reply)[HEADER_SIZE:HEADER_SIZE + out.nbytes]
             nbytes += out.nbytes
             results.append(True)
         elapsed = time.perf_counter() - start
@@ -236,12 +260,36 @@ class RedisTier(ChunkTier):
     def _name(self, key: bytes) -> bytes:
         return self._prefix + key.hex().encode()
 
+    def _value(self, key: bytes, view: memoryview) -> bytes:
+        header = pack_header(key, self.fingerprint, view)
+        parts = (header, view) if self._auth_key is None else (header, view, self._mac(header, view))
+        return b"".join(parts)
+
+    def _mac(self, header: bytes | memoryview, payload: memoryview) -> bytes:
+        mac = hmac.new(self._auth_key, _MAC_CONTEXT, hashlib.sha256)
+        mac.update(header)
+        mac.update(payload)
+        return mac.digest()
+
     def _verify(self, key: bytes, value: bytes, length: int) -> None:
         header = unpack_header(value)
         check_header(header, key, self.fingerprint, length)
-        if len(value) != HEADER_SIZE + length:
+        size = HEADER_SIZE + length
+        if self._auth_key is None and len(value) == size + MAC_SIZE:
+            raise BadEntry("entry is signed (written by an engine with remote_auth_key_file set); set the same "
+                           "remote_auth_key_file here, or none on every engine")
+        if self._auth_key is not None:
+            if len(value) == size:
+                raise BadEntry("entry is not signed (written without remote_auth_key_file, or forged)")
+            size += MAC_SIZE
+        if len(value) != size:
             raise BadEntry("value size does not match the header (truncated or extended)")
-        if xxhash.xxh3_128_digest(memoryview(value)[HEADER_SIZE:]) != header.checksum:
+        view = memoryview(value)
+        payload = view[HEADER_SIZE:HEADER_SIZE + length]
+        if self._auth_key is not None and not hmac.compare_digest(self._mac(view[:HEADER_SIZE], payload),
+                                                                   view[HEADER_SIZE + length:]):
+            raise BadEntry("signature mismatch (written with another remote_auth_key_file, or forged)")
+        if xxhash.xxh3_128_digest(payload) != header.checksum:
             raise BadEntry("payload checksum mismatch")
 
     def _run(self, call: Callable[[], _T]) -> _T | None:
