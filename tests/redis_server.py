@@ -1,7 +1,8 @@
 """A real ``redis-server`` for tests: random free port, own temporary directory, no persistence.
 
 ``stop()`` and ``start()`` keep the port, so a test can kill the server under a running tier and bring
-it back as a restart would; ``pause()``/``resume()`` freeze it to play a server that stalls. Use the
+it back as a restart would, with other options if it passes them (``start("--databases", "1")``);
+``pause()``/``resume()`` freeze it to play a server that stalls. Use the
 ``redis_server`` fixture, or :class:`RedisServer` directly for a server with a password.
 """
 
@@ -37,9 +38,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *options: str) -> None:
+        """Start the server on this port; ``options`` are more redis-server arguments."""
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self.dir]
+                "--dir", self.dir, *options]
         if self.password:
             args += ["--requirepass", self.password]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

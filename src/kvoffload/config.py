@@ -33,6 +33,9 @@ CONFIG_FILE_ENV = "KVOFFLOAD_CONFIG_FILE"
 LMCACHE_CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 PASSWORD_ENV = "KVOFFLOAD_REMOTE_PASSWORD"
 
+#: Shortest secret accepted in ``remote_auth_key_file``: below it, guessing the HMAC key is within reach.
+MIN_AUTH_KEY_BYTES = 16
+
 # Environment variables that are not settings but are allowed under our prefixes.
 _NON_SETTING_ENV = {CONFIG_FILE_ENV, PASSWORD_ENV, LMCACHE_CONFIG_FILE_ENV}
 
@@ -254,6 +257,14 @@ def _parse_remote_url(key: str, value: Any) -> str | None:
     return value
 
 
+def _parse_optional_path(key: str, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+        return None
+    if not isinstance(value, str):
+        raise ValueError
+    return str(Path(value.strip()).expanduser())
+
+
 def _parse_copy_backend(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.strip().lower() not in {"auto", "cuda", "torch"}:
         raise ValueError
@@ -281,6 +292,10 @@ KEYS: dict[str, _Key] = {
              "Longest time any remote operation may take before the request falls back to recompute."),
         _Key("remote_ttl", None, _parse_ttl, f"a number of seconds > 0 and <= {MAX_REMOTE_TTL} (2**31 - 1), or null for no expiry",
              "Expiry of chunks written to the remote tier."),
+        _Key("remote_auth_key_file", None, _parse_optional_path,
+             f"a file path (at least {MIN_AUTH_KEY_BYTES} bytes of secret), or null",
+             "Secret shared by the engines that use remote_url: they sign their entries with HMAC-SHA256 and "
+             "treat any entry without a valid signature as a miss; unset means entries are trusted."),
         _Key("save_decode_cache", False, _parse_bool, "true or false",
              "Also store chunks made of generated tokens, not only the prompt."),
         _Key("copy_backend", "auto", _parse_copy_backend, "auto, cuda or torch",
@@ -301,6 +316,7 @@ class Settings:
     remote_url: str | None = None
     remote_timeout: float = 0.5
     remote_ttl: float | None = None
+    remote_auth_key_file: str | None = None
     save_decode_cache: bool = False
     copy_backend: str = "auto"
     #: where each value came from: "default", "file:<path>", "env:<NAME>" or "kv_connector_extra_config"
@@ -320,6 +336,22 @@ class Settings:
     def remote_password(self) -> str | None:
         """Password for the remote tier: ``KVOFFLOAD_REMOTE_PASSWORD`` wins over the URL's. Never logged."""
         return self.password_env or (urlparse(self.remote_url).password if self.remote_url else None)
+
+    def remote_auth_key(self) -> bytes | None:
+        """The secret in ``remote_auth_key_file``, read on each call and never kept in the settings, so
+        no printout of them can show it; surrounding whitespace (a trailing newline) is not part of it."""
+        if self.remote_auth_key_file is None:
+            return None
+        source = self.sources.get("remote_auth_key_file", "default")
+        where = f"remote_auth_key_file {self.remote_auth_key_file!r} (from {source})"
+        try:
+            secret = Path(self.remote_auth_key_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+        if len(secret) < MIN_AUTH_KEY_BYTES:
+            raise ConfigError(f"{where} holds {len(secret)} bytes: expected at least {MIN_AUTH_KEY_BYTES} bytes of "
+                              f"secret, e.g. written by `openssl rand -hex 32`")
+        return secret
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name in KEYS}

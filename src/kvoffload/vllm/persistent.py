@@ -3,8 +3,10 @@
 The workers own the files and connections that move bytes; the scheduler only needs to know whether a
 chunk exists, to decide whether a prefetch is worth starting. For the disk tier that is a set of keys
 built by listing the directory once and kept current from the workers' reports; for the remote tier it
-is one pipelined ``EXISTS`` per lookup. Existence is only a hint: the worker verifies every byte it reads
-and reports failures, and the request then recomputes.
+is one pipelined ``EXISTS`` per lookup, on the scheduler's thread: it waits at most ``remote_timeout``,
+and while the server is down it answers "absent" at once, the tier probing it on a thread of its own.
+Existence is only a hint: the worker verifies every byte it reads (and its signature, with
+``remote_auth_key_file``) and reports failures, and the request then recomputes.
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ class PersistentLookup:
                         len(self._known))
         if settings.remote_url is not None:
             from kvoffload.tiers.redis_tier import RedisTier
-            self._remote = RedisTier(settings.remote_url, fingerprint, settings.remote_password,
-                                     settings.remote_timeout, settings.remote_ttl)
+            self._remote = RedisTier.from_settings(settings, fingerprint)
 
     def count_leading(self, keys: list[bytes]) -> int:
         """How many of ``keys``, from the first, exist in some persistent tier."""

@@ -155,8 +155,7 @@ class OffloadWorker:
                                disk_bytes / 1e9, chunk_bytes / 1e9)
         if s.remote_url is not None:
             from kvoffload.tiers.redis_tier import RedisTier
-            self.tiers.append(RedisTier(s.remote_url, fingerprint, s.remote_password, s.remote_timeout,
-                                        s.remote_ttl))
+            self.tiers.append(RedisTier.from_settings(s, fingerprint))
         if self.tiers:
             from kvoffload.tiers.writer import AsyncWriter
             # Queued writes hold their host slots; an eighth of the pool keeps most of it serving hits.
