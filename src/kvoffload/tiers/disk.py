@@ -509,7 +509,7 @@ class VerifyReport:
 
 def _verify_file(path: str, namespace: str, key: bytes) -> None:
     hasher = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
+    with _open_entry(Path(path)) as f:
         header = unpack_header(f.read(HEADER_SIZE))
         if header.key != key:
             raise BadEntry("header names another chunk key than the file name")
