@@ -118,6 +118,85 @@ def test_header_for_another_key_is_a_miss_and_removed(tmp_path: Path) -> None:
     assert not p.exists() and tier.stats.corrupt == 1
 
 
+def in_thread(call, timeout: float = 5.0, unblock=None):
+    """``call()`` on a thread; fails instead of hanging the suite if it is still blocked after ``timeout``.
+
+    ``unblock`` releases a call that blocked (so the thread does not outlive the test)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        if unblock is not None:
+            unblock()
+        pytest.fail(f"blocked for more than {timeout} s")
+    return result[0]
+
+
+def open_fifo_for_writing(path: Path) -> None:
+    """Let a reader blocked in open() on the FIFO ``path`` go on (it then reads end of file)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_fifo_under_a_chunk_name_is_a_miss_without_blocking(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    tier.put(key(1), payload(1))
+    p = path_of(tmp_path, key(1))
+    p.unlink()
+    os.mkfifo(p)  # open() for reading waits for a writer: the read must not
+    start = time.monotonic()
+    assert in_thread(lambda: read(tier, key(1)), unblock=lambda: open_fifo_for_writing(p)) is None
+    assert time.monotonic() - start < 5
+    assert (tier.stats.corrupt, tier.stats.misses, tier.stats.hits) == (1, 1, 0)
+    assert not p.exists()
+    assert tier.contains([key(1)]) == [False]
+    assert tier.drain_removed() == [key(1)]
+
+
+def test_symlink_under_a_chunk_name_is_a_miss_and_removed(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path / "root"), FP, 10**6)
+    tier.put(key(1), payload(1))
+    p = path_of(tmp_path / "root", key(1))
+    target = tmp_path / "elsewhere.kvo"
+    p.rename(target)
+    p.symlink_to(target)  # a valid chunk's bytes, but not a file this tier wrote where it wrote it
+    assert read(tier, key(1)) is None
+    assert tier.stats.corrupt == 1
+    assert not p.is_symlink() and target.exists()  # the link is removed, not what it points to
+
+
+def test_restart_ignores_and_removes_junk_named_like_chunks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    entry = HEADER_SIZE + CHUNK
+    first = DiskTier(str(tmp_path), FP, 10 * entry)
+    for i in range(3):
+        first.put(key(i), payload(i))
+    first.close()
+    year_2100 = 4102444800.0
+    misplaced = tmp_path / FP.hex()[:16] / "ff" / f"{key(9).hex()}.kvo"  # key(9)'s place is 00/
+    oversized = path_of(tmp_path, key(8))  # in its place, but larger than the whole limit
+    for junk in (misplaced, oversized):
+        junk.parent.mkdir(parents=True, exist_ok=True)
+        with open(junk, "wb") as f:
+            f.truncate(100 * 10**9)  # sparse: 100 GB that take no space
+        os.utime(junk, (year_2100, year_2100))
+    assert list_disk_keys(str(tmp_path), FP) == {key(0), key(1), key(2), key(8)}  # names only: not the misplaced
+
+    with caplog.at_level(logging.WARNING, logger="kvoffload.tiers.disk"):
+        second = DiskTier(str(tmp_path), FP, 10 * entry)
+    assert second.contains([key(0), key(1), key(2)]) == [True, True, True]
+    assert read(second, key(1)) == bytes(payload(1))
+    assert second.contains([key(8), key(9)]) == [False, False]
+    assert second.stats.evictions == 0
+    assert not misplaced.exists() and not oversized.exists()
+    assert list_disk_keys(str(tmp_path), FP) == {key(0), key(1), key(2)}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "removed 2 files named like chunks" in warnings[0], warnings
+    # the real chunks fill the limit as before: seven more fit without evicting them
+    for i in range(10, 17):
+        second.put(key(i), payload(i))
+    assert second.stats.evictions == 0
+
+
 def test_wrong_expected_length_is_a_miss(tmp_path: Path) -> None:
     tier = DiskTier(str(tmp_path), FP, 10**6)
     tier.put(key(1), payload(1))

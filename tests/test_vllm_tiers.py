@@ -153,6 +153,48 @@ def test_restart_serves_what_the_previous_engine_stored(disk_runs: dict, baselin
     assert b.metrics["kvoffload:prefetched_chunks_total"] == len(on_disk)
 
 
+# One prompt of 5 whole chunks and a 138-token tail (two 128-token blocks, so its payload is slot-sized).
+RESTART_PROMPT = [(i * 7) % 9000 + 50 for i in range(5 * CHUNK + 138)]
+
+
+@pytest.fixture(scope="module")
+def single_prompt_restarts(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The shape of a reported crash: a 1 GB disk tier, a 0.05 GB pool, one prompt; engine B restarts on A's
+    directory and loads the whole prefix. Engine C restarts with a pool of 3 slots, fewer than the 6 chunks
+    on disk, so it prefetches a part of the prefix and computes the rest."""
+    root = tmp_path_factory.mktemp("restart")
+
+    def spec(pool_gb: float) -> dict:
+        return {"model": tiny_model, "prompts": [RESTART_PROMPT], "connector": "plugin",
+                "extra_config": {"local_disk": str(root), "max_local_disk_size": 1, "max_local_cpu_size": pool_gb}}
+
+    a = run_engine(spec(0.05))
+    a_files = files(root)
+    b = run_engine(spec(0.05))
+    c = run_engine(spec(0.0004))  # 3 slots of the tiny model's 131 kB chunks
+    return {"a": a, "b": b, "c": c, "a_files": a_files}
+
+
+def test_restart_loads_a_whole_single_prompt_from_disk(single_prompt_restarts: dict) -> None:
+    a, b = single_prompt_restarts["a"], single_prompt_restarts["b"]
+    assert len(single_prompt_restarts["a_files"]) == 6
+    assert "died unexpectedly" not in b.log
+    assert b.hit_tokens() == [len(RESTART_PROMPT) - 1] and b.loaded_tokens() == [len(RESTART_PROMPT) - 1]
+    assert b.rounds == a.rounds, "outputs served from the disk tier differ from the first engine's"
+    assert tier_summary(b, "disk")["read"] == 6
+    assert b.metrics["kvoffload:prefetched_chunks_total"] == 6
+
+
+def test_restart_with_a_pool_smaller_than_the_prefix_on_disk(single_prompt_restarts: dict) -> None:
+    a, c = single_prompt_restarts["a"], single_prompt_restarts["c"]
+    assert "died unexpectedly" not in c.log
+    # the 3 slots take the first 3 chunks; the rest is recomputed (there is no room to prefetch it into)
+    assert c.hit_tokens() == [3 * CHUNK], c.hit_tokens()
+    assert c.rounds == a.rounds, "outputs with a prefix partly served from the disk tier differ"
+    assert c.metrics["kvoffload:prefetched_chunks_total"] == 3
+    assert c.metrics["kvoffload:prefetch_failures_total"] == 0
+
+
 def test_damaged_and_foreign_files_are_removed_and_recomputed(tiny_model: str, disk_runs: dict,
                                                             baseline: EngineRun) -> None:
     root, keys = disk_runs["c_dir"], disk_runs["keys"]

@@ -18,7 +18,11 @@ Why the choices:
   flush per chunk on the store path would buy nothing else.
 * The index (sizes and mtimes) is rebuilt by listing the namespace directory at start, so files survive
   a restart and count against the byte limit (LMCache's disk index is memory-only; its files are
-  neither reused nor cleaned up). Files are not opened at start: they are verified when read.
+  neither reused nor cleaned up). Files are not opened at start: they are verified when read. Only
+  files that can be chunks count (in their own subdirectory, no larger than the limit); junk named like
+  a chunk is removed, since its size would otherwise evict the real chunks at every start.
+* A chunk file is opened without blocking and must be a regular file: a FIFO or a symbolic link under a
+  chunk's name is a bad entry (a miss, removed), never a read that hangs.
 * A read refreshes the file's mtime, so the LRU order survives a restart too.
 """
 
@@ -27,13 +31,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import struct
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import xxhash
 
@@ -154,19 +159,36 @@ class DiskTier(ChunkTier):
     # ---------------------------------------------------------------- start-up
 
     def _load_index(self) -> None:
+        """Index the files a previous run left, counting only what can be one of this tier's chunks.
+
+        A file counts if it is a regular file named like a chunk, in the subdirectory its name puts it in,
+        and no larger than the whole limit (``put`` never writes one that is). Anything else named like a
+        chunk (copied into the wrong place, or a sparse file of terabytes) would never be served, yet its
+        size would evict every real chunk at each start: it is removed. An mtime in the future (a clock set
+        back, a copied file) counts as now, so such a file does not outrank every chunk read since.
+        """
         found: list[tuple[float, bytes, int]] = []
+        junk = 0
         now = time.time()
         for sub in _scandir_dirs(self.namespace_dir):
             for entry in _scandir_files(sub.path):
                 key = _key_from_name(entry.name)
                 try:
-                    st = entry.stat()
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if key is not None:
-                    found.append((st.st_mtime, key, st.st_size))
-                elif _TMP_MARK in entry.name and now - st.st_mtime > _STALE_TMP_SECONDS:
+                if key is None:
+                    if _TMP_MARK in entry.name and now - st.st_mtime > _STALE_TMP_SECONDS:
+                        _unlink_quietly(entry.path)
+                elif _placed(sub.name, key) and HEADER_SIZE < st.st_size <= self.max_bytes:
+                    found.append((min(st.st_mtime, now), key, st.st_size))
+                else:
+                    junk += 1
                     _unlink_quietly(entry.path)
+        if junk:
+            logger.warning("kvoffload disk tier at %s: removed %d files named like chunks that cannot be this tier's "
+                           "(in another chunk's subdirectory, empty, or larger than max_local_disk_size)",
+                           self.namespace_dir, junk)
         found.sort()
         for _mtime, key, size in found:
             self._index[key] = size
@@ -237,7 +259,7 @@ class DiskTier(ChunkTier):
         path = self._path(key)
         start = time.perf_counter()
         try:
-            with open(path, "rb", buffering=0) as f:
+            with _open_entry(path) as f:
                 header = unpack_header(f.read(HEADER_SIZE))
                 check_header(header, key, self.fingerprint, out.nbytes)
                 if os.fstat(f.fileno()).st_size != HEADER_SIZE + out.nbytes:
@@ -358,6 +380,29 @@ def _prepare_dir(path: Path, root: str) -> None:
                           f"{exc.strerror or exc}") from None
 
 
+def _open_entry(path: Path) -> BinaryIO:
+    """Open a chunk file for reading; raise :class:`BadEntry` for anything but a regular file.
+
+    A FIFO (or a device) under a chunk's name would block ``open`` until a writer appears, holding a
+    prefetch thread and the request behind it: ``O_NONBLOCK`` makes the open return at once, and the
+    ``fstat`` then tells what it is. ``O_NOFOLLOW``: a symbolic link is not a file this tier wrote, and
+    following it could lead anywhere (a FIFO again, a file another process owns).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadEntry("a symbolic link, not a chunk file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadEntry("not a regular file (a FIFO, device or socket)")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_exactly(f, out: memoryview) -> None:
     done = 0
     while done < out.nbytes:
@@ -399,6 +444,11 @@ def _key_from_name(name: str) -> bytes | None:
     return bytes.fromhex(stem) if _is_hex(stem, 64) else None
 
 
+def _placed(subdir: str, key: bytes) -> bool:
+    """Whether a chunk file of ``key`` found in ``subdir`` is where this tier puts it (see :meth:`DiskTier._path`)."""
+    return subdir == key.hex()[:2]
+
+
 def _namespace_dirs(root: str | Path) -> list[os.DirEntry]:
     return [d for d in _scandir_dirs(root) if _is_hex(d.name, 16)]
 
@@ -415,7 +465,7 @@ def list_disk_keys(root: str, fingerprint: bytes) -> set[bytes]:
     for sub in _scandir_dirs(Path(root) / fingerprint.hex()[:16]):
         for entry in _scandir_files(sub.path):  # the directory entry's type: no stat on common filesystems
             key = _key_from_name(entry.name)
-            if key is not None:
+            if key is not None and _placed(sub.name, key):  # a misplaced file is never served
                 keys.add(key)
     return keys
 
@@ -459,7 +509,7 @@ class VerifyReport:
 
 def _verify_file(path: str, namespace: str, key: bytes) -> None:
     hasher = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
+    with _open_entry(Path(path)) as f:
         header = unpack_header(f.read(HEADER_SIZE))
         if header.key != key:
             raise BadEntry("header names another chunk key than the file name")
