@@ -73,7 +73,7 @@ def test_both_languages_build(built_site: Path):
     assert not (built_site / "jupyter_execute").exists()
     # The CLI page shows real `kvoffload config` runs: a valid setting (exit 0) and an invalid one (exit 2).
     cli = (built_site / "en" / "cli.html").read_text(encoding="utf-8")
-    assert "env:KVOFFLOAD_MAX_LOCAL_CPU_SIZE" in cli and "expected a number of GB &gt;= 0" in cli
+    assert "env:KVOFFLOAD_MAX_LOCAL_CPU_SIZE" in cli and "expected a number of GB &gt; 0" in cli
     assert "$ kvoffload cache verify --help" in cli
 
 
