@@ -83,3 +83,39 @@ def test_worker_without_a_known_rank_refuses_to_guess_under_tensor_parallelism()
     with pytest.raises(RuntimeError, match="tensor-parallel rank"):
         OffloadWorker(vllm_config(2), kv_cache_config(), settings)
     assert OffloadWorker(vllm_config(1), kv_cache_config(), settings).rank == 0
+
+
+def _adapter(path: Path, value: float) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}')
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.full((8, 64), value)},
+              str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_lora_adapter_is_keyed_by_its_files_not_its_name(tmp_path: Path) -> None:
+    """Same adapter name, other weights (a new id, or the name pointing elsewhere after a restart): other keys.
+    The same files under another path: the same keys. Files that cannot be read: the request bypasses kvoffload."""
+    from vllm.lora.request import LoRARequest
+
+    engine = TPEngine(world_size=1)
+    first, other = _adapter(tmp_path / "a", 1.0), _adapter(tmp_path / "b", 2.0)
+    copy = tmp_path / "copy-of-a"
+    copy.mkdir()
+    for file in first.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+
+    def keys(req_id: str, request: LoRARequest | None) -> list[bytes] | None:
+        state = engine.scheduler._state(Request(req_id, PROMPT, lora_request=request))
+        return None if state is None else state.prompt_keys
+
+    plain = keys("plain", None)
+    a = keys("a", LoRARequest("support-bot", 1, str(first)))
+    b = keys("b", LoRARequest("support-bot", 2, str(other)))
+    a_again = keys("a2", LoRARequest("support-bot", 3, str(copy)))
+    assert len({bytes(plain[0]), bytes(a[0]), bytes(b[0])}) == 3, "another adapter under the same name shares keys"
+    assert a_again == a, "the same adapter files at another path must share the cache"
+    assert keys("gone", LoRARequest("support-bot", 4, str(tmp_path / "missing"))) is None
+    engine.shutdown()
