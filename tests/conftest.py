@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +59,13 @@ class EngineRun:
 
 def run_engine(spec: dict, env: dict | None = None, timeout: float = 420, expect_ok: bool = True) -> EngineRun:
     """Run tests/vllm_runner.py with ``spec``; one engine, one process."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), json.dumps(spec)],
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:  # argv caps one argument at 128 KiB
+        json.dump(spec, file)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), "@" + file.name],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                                **(env or {})})
+    os.unlink(file.name)
     log = proc.stdout + proc.stderr
     if not expect_ok:
         return EngineRun(rounds=[], metrics={"returncode": proc.returncode}, log=log)

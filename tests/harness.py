@@ -225,8 +225,14 @@ class TPEngine:
 
 
 def store_prompt(engine: TPEngine, req: Request, block_ids: list[int]) -> None:
-    """Look up (miss), allocate and compute ``req``'s whole prompt in one step."""
-    assert engine.scheduler.get_num_new_matched_tokens(req, 0) == (0, False)
+    """Look up (miss), allocate and compute ``req``'s whole prompt in one step. Like vLLM, ask again while the
+    answer is "come back" (the disk tier's listing runs on a thread of its own right after start)."""
+    deadline = time.monotonic() + 20
+    while (answer := engine.scheduler.get_num_new_matched_tokens(req, 0))[0] is None:
+        assert time.monotonic() < deadline, "the lookup never answered"
+        engine.step()
+        time.sleep(0.01)
+    assert answer == (0, False)
     engine.scheduler.update_state_after_alloc(req, Blocks(block_ids), 0)
     engine.step(schedule_new(req, block_ids, 0, len(PROMPT)))
 

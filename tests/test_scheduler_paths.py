@@ -119,3 +119,30 @@ def test_lora_adapter_is_keyed_by_its_files_not_its_name(tmp_path: Path) -> None
     assert a_again == a, "the same adapter files at another path must share the cache"
     assert keys("gone", LoRARequest("support-bot", 4, str(tmp_path / "missing"))) is None
     engine.shutdown()
+
+
+def test_disk_listing_runs_beside_the_step_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing a large disk tier takes seconds: it must not run on EngineCore's thread (it did, inside
+    update_connector_output). Until it is done the lookup asks vLLM to come back; a chunk removed meanwhile
+    stays removed."""
+    from kvoffload.tiers import disk
+    from kvoffload.vllm.persistent import PersistentLookup
+
+    listing_may_end = threading.Event()
+
+    def slow_listing(root: str, fingerprint: bytes) -> set[bytes]:
+        listing_may_end.wait(10)
+        return {b"a" * 32, b"b" * 32}
+
+    monkeypatch.setattr(disk, "list_disk_keys", slow_listing)
+    lookup = PersistentLookup(load_settings({"local_disk": str(tmp_path), "max_local_disk_size": 1}, environ={}), bytes(32))
+    assert not lookup.ready, "the constructor waited for the listing"
+    lookup.discard(b"b" * 32)  # a worker reported it removed (evicted, corrupt) while the listing ran
+    listing_may_end.set()
+    for _ in range(100):
+        if lookup.ready:
+            break
+        threading.Event().wait(0.05)
+    assert lookup.ready
+    assert lookup.count_leading([b"a" * 32, b"b" * 32]) == 1
+    lookup.close()

@@ -1,7 +1,7 @@
 """Run one real vLLM engine in its own process and print what it generated, as JSON.
 
 Tests start this script with ``subprocess`` (one engine per process: vLLM engines hold process-wide
-state) and read the last stdout line. Spec (JSON, argv[1]):
+state) and read the last stdout line. Spec (JSON in argv[1], or ``@FILE`` naming a file of it):
 
     model, prompts (strings or token-id lists), rounds, or orders (prompt indexes per round; outputs
     are reported in prompt order), max_tokens, connector (null | "plugin" |
@@ -22,7 +22,8 @@ import sys
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    arg = sys.argv[1]
+    spec = json.loads(open(arg[1:]).read() if arg.startswith("@") else arg)
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 

@@ -250,10 +250,10 @@ class OffloadScheduler:
 
         Its name depends on the workers' KV layout, which arrives with their first report, one step after
         the first lookup. Answering that lookup without it would recompute a prefix that is on disk (every
-        restart would miss on its first request), so vLLM is asked to come back; the wait is bounded in case
-        no report ever comes.
+        restart would miss on its first request), so vLLM is asked to come back, also while the disk directory
+        is being listed (on a thread of its own); the wait is bounded in case no report ever comes.
         """
-        if self.persistent is not None or not self._wants_persistence():
+        if (self.persistent is not None and self.persistent.ready) or not self._wants_persistence():
             return False
         if self._persistent_deadline is None:
             self._persistent_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
@@ -261,8 +261,9 @@ class OffloadScheduler:
             return True
         if not self._persistent_gave_up:
             self._persistent_gave_up = True
-            logger.warning("kvoffload: no worker reported its KV layout within %.0f s; serving without the disk and "
-                           "remote tiers until one does", PREFETCH_TIMEOUT_S)
+            logger.warning("kvoffload: the disk and remote tiers were not ready within %.0f s (no worker reported "
+                           "its KV layout, or the disk listing is slow); serving without them until they are",
+                           PREFETCH_TIMEOUT_S)
         return False
 
     def _start_prefetch(self, state: _Request, chain: list[bytes], first: int) -> bool:
