@@ -46,10 +46,6 @@ gettext_additional_targets: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_mock_imports = ["vllm", "torch", "redis"]
-nitpick_ignore_regex = [
-    (r"py:class", r"(numpy|np|collections\.abc|typing|_?[A-Z]\w*\.?\w*|Path|Any|Callable|Mapping|Sequence).*"),
-    (r"py:(class|obj|data)", r"kvoffload\..*\._.*"),
-]
 
 templates_path = ["docs/_templates"]
 html_static_path = ["docs/_static"]
