@@ -25,6 +25,7 @@ extensions = [
     "myst_nb",                  # bundles myst_parser; list only one of them
     "sphinx.ext.autodoc",
     "sphinx.ext.doctest",
+    "sphinx_copybutton",
     "kvoffload_docs",           # docs/_ext/kvoffload_docs.py: generated settings table
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
@@ -46,6 +47,10 @@ gettext_additional_targets: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_mock_imports = ["vllm", "torch", "redis"]
+
+# The copy button leaves out shell and Python prompts, and the output lines of a block that has prompts.
+copybutton_prompt_text = r"\$ |>>> |\.\.\. "
+copybutton_prompt_is_regexp = True
 
 templates_path = ["docs/_templates"]
 html_static_path = ["docs/_static"]
