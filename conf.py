@@ -57,6 +57,8 @@ html_static_path = ["docs/_static"]
 html_css_files = ["kvoffload.css"]
 html_theme = "furo"
 html_title = f"kvoffload {release}"
+html_logo = "docs/_static/logo.svg"
+html_favicon = "docs/_static/logo.svg"     # browsers then ask for no /favicon.ico
 html_sidebars = {
     "**": [
         "sidebar/brand.html",
