@@ -212,3 +212,21 @@ def test_internal_links_resolve_and_external_links_listed(built_site: Path, lang
     (root / "external-links.txt").write_text("".join(f"{url}\n" for url in sorted(external)), encoding="utf-8")
     assert checked > 500 and external
     assert not failures, "\n".join(failures[:40])
+
+
+def test_architecture_diagrams_fit_and_match():
+    """The landing page's SVG in both languages: every box inside the drawing, the same shapes in each."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"svg": "http://www.w3.org/2000/svg"}
+    shapes = {}
+    for name in ("architecture.svg", "architecture.zh_CN.svg"):
+        svg = ET.parse(ROOT / "docs" / "_static" / name).getroot()
+        _, _, width, height = (float(v) for v in svg.get("viewBox").split())
+        rects = svg.findall("svg:rect", ns)
+        assert len(rects) == 4, name  # GPU prefix cache, CPU pool, disk, Redis
+        for rect in rects:
+            assert float(rect.get("x")) + float(rect.get("width")) <= width, f"{name}: a box is cut off"
+            assert float(rect.get("y")) + float(rect.get("height")) <= height, f"{name}: a box is cut off"
+        shapes[name] = [(r.get("x"), r.get("y")) for r in rects]
+    assert shapes["architecture.svg"] == shapes["architecture.zh_CN.svg"]
