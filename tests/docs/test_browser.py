@@ -194,8 +194,9 @@ def test_log_blocks_show_the_hit_tokens_column(page, site_url):
 ])
 def test_search(page, site_url, lang, query, expect):
     page.goto(urljoin(site_url, f"{lang}/search.html?q={query}"))
+    # Sphinx shows results one at a time and fills its summary ("Search finished, …") after the last one.
+    page.wait_for_function("(document.querySelector('p.search-summary') || {}).innerText", timeout=15000)
     results = page.locator("#search-results li, ul.search li")
-    results.first.wait_for(timeout=15000)
     hrefs = results.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href'))")
     assert any(expect in (h or "") for h in hrefs), hrefs
     assert page.errors == [], page.errors
