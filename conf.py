@@ -25,6 +25,7 @@ extensions = [
     "myst_nb",                  # bundles myst_parser; list only one of them
     "sphinx.ext.autodoc",
     "sphinx.ext.doctest",
+    "sphinx_copybutton",
     "kvoffload_docs",           # docs/_ext/kvoffload_docs.py: generated settings table
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
@@ -46,16 +47,18 @@ gettext_additional_targets: list[str] = []
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_mock_imports = ["vllm", "torch", "redis"]
-nitpick_ignore_regex = [
-    (r"py:class", r"(numpy|np|collections\.abc|typing|_?[A-Z]\w*\.?\w*|Path|Any|Callable|Mapping|Sequence).*"),
-    (r"py:(class|obj|data)", r"kvoffload\..*\._.*"),
-]
+
+# The copy button leaves out shell and Python prompts, and the output lines of a block that has prompts.
+copybutton_prompt_text = r"\$ |>>> |\.\.\. "
+copybutton_prompt_is_regexp = True
 
 templates_path = ["docs/_templates"]
 html_static_path = ["docs/_static"]
 html_css_files = ["kvoffload.css"]
 html_theme = "furo"
 html_title = f"kvoffload {release}"
+html_logo = "docs/_static/logo.svg"
+html_favicon = "docs/_static/logo.svg"     # browsers then ask for no /favicon.ico
 html_sidebars = {
     "**": [
         "sidebar/brand.html",

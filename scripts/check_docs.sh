@@ -2,8 +2,10 @@
 # Documentation checks.
 #   scripts/check_docs.sh           # catalogs in sync + 100% zh_CN translated (fuzzy = untranslated); no vLLM
 #   scripts/check_docs.sh update    # regenerate the catalogs after editing English pages
-#   scripts/check_docs.sh all       # everything CI runs for the docs: page doctests, catalogs, both builds,
-#                                   # browser check, every example on vLLM (tiny model), notebook (nbval)
+#   scripts/check_docs.sh pages     # the pages' >>> examples and the notebook, re-run by nbval against its
+#                                   # stored outputs on vLLM with the tiny model (docs/conftest.py); scripts/test.sh runs it
+#   scripts/check_docs.sh all       # everything CI runs for the docs: pages, catalogs, both builds,
+#                                   # browser check, every example on vLLM (tiny model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,15 +29,15 @@ case "${1:-check}" in
     [[ -z "$untracked" ]] || { echo "new catalogs not committed: $untracked" >&2; exit 1; }
     python tests/docs/check_translations.py --lang zh_CN --min 100
     ;;
-  all)
-    tiny="${DOCS_TINY_MODEL:-$PWD/build/tiny-model}"
-    python tests/tiny_model.py "$tiny" >/dev/null
-    export DOCS_TINY_MODEL="$tiny"
-    python -m pytest -q -p no:cacheprovider --doctest-glob='*.md' docs
-    python -m pytest -q -p no:cacheprovider -m "docs or vllm" tests/docs   # builds both languages itself
-    DOCS_MODEL="$tiny" DOCS_MAX_MODEL_LEN=4096 DOCS_GPU_MEMORY_UTILIZATION=0.3 DOCS_MAX_NUM_BATCHED_TOKENS=512 \
-      python -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
-      --nbval-sanitize-with docs/notebooks/nbval_sanitize.cfg docs/notebooks
+  pages)
+    python -m pytest -q -p no:cacheprovider --doctest-glob='*.md' --nbval --nbval-current-env \
+      --nbval-sanitize-with docs/notebooks/nbval_sanitize.cfg docs
     ;;
-  *) echo "usage: $0 [check|update|all]" >&2; exit 2 ;;
+  all)
+    export DOCS_TINY_MODEL="${DOCS_TINY_MODEL:-$PWD/build/tiny-model}"
+    python tests/tiny_model.py "$DOCS_TINY_MODEL" >/dev/null
+    bash scripts/check_docs.sh pages
+    python -m pytest -q -p no:cacheprovider -m "docs or vllm" tests/docs   # builds both languages itself
+    ;;
+  *) echo "usage: $0 [check|update|pages|all]" >&2; exit 2 ;;
 esac

@@ -32,3 +32,27 @@ def write_log(name: str, lines: list[str], header: str) -> None:
         path.write_text(f"# {header}\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
+
+#: What the notebook (docs/notebooks/quickstart.ipynb) reads to fit a 2-core CPU runner: the tiny model's
+#: path is added by :func:`notebook_env`. Without these it starts Qwen/Qwen3-8B with GPU-sized limits.
+NOTEBOOK_LIMITS = {"DOCS_MAX_MODEL_LEN": "4096", "DOCS_GPU_MEMORY_UTILIZATION": "0.3",
+                   "DOCS_MAX_NUM_BATCHED_TOKENS": "512"}
+NOTEBOOK = ROOT / "docs" / "notebooks" / "quickstart.ipynb"
+NBVAL_ARGS = ["--nbval", "--nbval-current-env", "--nbval-sanitize-with",
+              str(ROOT / "docs" / "notebooks" / "nbval_sanitize.cfg")]
+
+
+def tiny_model_dir() -> Path:
+    """The tiny random-weight model of the docs runs (DOCS_TINY_MODEL, else build/tiny-model), written if missing."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import write_tiny_model
+
+    return write_tiny_model(os.environ.get("DOCS_TINY_MODEL") or ROOT / "build" / "tiny-model")
+
+
+def notebook_env(environ: dict[str, str]) -> None:
+    """Point the notebook at the tiny model with CPU limits, unless DOCS_MODEL names another model."""
+    if "DOCS_MODEL" not in environ:
+        environ["DOCS_MODEL"] = str(tiny_model_dir())
+        for key, value in NOTEBOOK_LIMITS.items():
+            environ.setdefault(key, value)

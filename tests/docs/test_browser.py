@@ -1,7 +1,9 @@
 """The built site in a real browser (Debian chromium via Playwright; never a downloaded browser).
 
-Served from 127.0.0.1: every internal link and anchor resolves, the language switcher round-trips,
-search finds results in English and in Chinese, and no page logs a console error.
+Served from 127.0.0.1: every internal link and anchor resolves, the language switcher round-trips and
+keeps the #anchor, the copy button copies commands without their prompt, the landing page shows its
+figures, log blocks show their last column, search finds results in English and in Chinese, and no
+page logs a console error or loads a missing file (the favicon included).
 """
 
 from __future__ import annotations
@@ -48,16 +50,15 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context()
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(f"pageerror: {exc}"))
     # A failed resource shows up twice: as a console error without its URL and as a response; the
-    # response handler below records it with the URL (and lets Chromium's automatic favicon pass).
+    # response handler below records it with the URL. Pages name their favicon, so none is a 404.
     page.on("console", lambda msg: page.errors.append(f"console: {msg.text}")
             if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
-    page.on("response", lambda r: page.errors.append(f"HTTP {r.status} {r.url}")
-            if r.status >= 400 and not r.url.endswith("/favicon.ico") else None)
+    page.on("response", lambda r: page.errors.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
     yield page
     context.close()
 
@@ -116,6 +117,74 @@ def test_language_switcher_round_trip(page, site_url):
     assert page.errors == [], page.errors
 
 
+def test_language_switcher_keeps_the_anchor(page, site_url):
+    page.goto(urljoin(site_url, "en/installation.html#compatibility-matrix"))
+    page.click(".lang-switcher a.lang-link[hreflang='zh-CN']")
+    page.wait_for_url("**/zh_CN/installation.html#compatibility-matrix")
+    assert page.locator("#compatibility-matrix").count() == 1
+    page.goto(urljoin(site_url, "zh_CN/quickstart.html"))  # no anchor: none is added
+    page.click(".lang-switcher a.lang-link[hreflang='en']")
+    page.wait_for_url("**/en/quickstart.html")
+    assert page.errors == [], page.errors
+
+
+def _copy(page, block) -> str:
+    block.hover()
+    block.locator("button.copybtn").click()
+    return page.evaluate("navigator.clipboard.readText()")
+
+
+@pytest.mark.parametrize("path,prompt,command", [
+    ("en/cli.html", "$ ", "KVOFFLOAD_MAX_LOCAL_CPU_SIZE=20 kvoffload config"),
+    ("en/configuration.html", ">>> ", "from kvoffload.config import load_settings"),
+])
+def test_copy_button_copies_without_prompt(page, site_url, path, prompt, command):
+    page.goto(urljoin(site_url, path))
+    block = page.locator("div.highlight").filter(has_text=prompt + command).first
+    assert prompt + command in block.inner_text()
+    copied = _copy(page, block)
+    assert copied.startswith(command), copied
+    assert prompt not in copied, copied
+    assert page.errors == [], page.errors
+
+
+def test_landing_page_start_figure_and_diagram(page, site_url):
+    page.goto(urljoin(site_url, "en/index.html"))
+    start = page.locator("div.highlight").filter(has_text="pip install -e .").first
+    assert _copy(page, start).count("\n") == 2, "three commands"
+    headline = page.locator(".headline-figure")
+    assert headline.is_visible() and "7.99x" in headline.inner_text() and "0.321 s" in headline.inner_text()
+    for lang, svg in (("en", "architecture.svg"), ("zh_CN", "architecture.zh_CN.svg")):
+        page.goto(urljoin(site_url, f"{lang}/index.html"))
+        img = page.locator("#architecture-figure img")
+        img.scroll_into_view_if_needed()
+        assert img.is_visible() and img.get_attribute("src").endswith(svg)
+        assert img.evaluate("i => i.complete && i.naturalWidth > 0"), f"{svg} did not load"
+        assert img.bounding_box()["width"] > 400
+    assert page.errors == [], page.errors
+
+
+def test_log_blocks_show_the_hit_tokens_column(page, site_url):
+    """vLLM's log lines are long; the block wraps them, so the hit count is on screen, not scrolled away."""
+    page.goto(urljoin(site_url, "en/quickstart.html"))
+    pre = page.locator("div.highlight pre").filter(has_text="kvoffload hit tokens:").first
+    pre.scroll_into_view_if_needed()
+    layout = pre.evaluate("""pre => {
+        const walker = document.createTreeWalker(pre, NodeFilter.SHOW_TEXT);
+        let node;
+        while ((node = walker.nextNode()) && !node.data.includes("hit tokens"));
+        const range = document.createRange();
+        const start = node.data.indexOf("hit tokens");
+        range.setStart(node, start);
+        range.setEnd(node, start + "hit tokens".length);
+        const text = range.getBoundingClientRect(), box = pre.getBoundingClientRect();
+        return {overflow: pre.scrollWidth - pre.clientWidth, textRight: text.right, boxRight: box.right};
+    }""")
+    assert layout["overflow"] <= 1, layout
+    assert layout["textRight"] <= layout["boxRight"], layout
+    assert page.errors == [], page.errors
+
+
 @pytest.mark.parametrize("lang,query,expect", [
     ("en", "offload", "quickstart"),
     ("en", "eviction", "backends"),
@@ -125,8 +194,9 @@ def test_language_switcher_round_trip(page, site_url):
 ])
 def test_search(page, site_url, lang, query, expect):
     page.goto(urljoin(site_url, f"{lang}/search.html?q={query}"))
+    # Sphinx shows results one at a time and fills its summary ("Search finished, …") after the last one.
+    page.wait_for_function("(document.querySelector('p.search-summary') || {}).innerText", timeout=15000)
     results = page.locator("#search-results li, ul.search li")
-    results.first.wait_for(timeout=15000)
     hrefs = results.locator("a").evaluate_all("els => els.map(e => e.getAttribute('href'))")
     assert any(expect in (h or "") for h in hrefs), hrefs
     assert page.errors == [], page.errors

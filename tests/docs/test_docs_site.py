@@ -6,7 +6,9 @@ import json
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
@@ -156,3 +158,75 @@ def test_benchmark_plot_without_results_fails_clearly(tmp_path):
         proc = _plot(results, tmp_path / "bench")
         assert proc.returncode == 1 and "plot.py:" in proc.stderr, proc.stderr
     assert not (tmp_path / "bench").exists()
+
+
+class _Links(HTMLParser):
+    """The ids of one page, and the targets of its a[href], link[href], img[src] and script[src]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.targets: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.add(attrs["id"])
+        url = attrs.get("src") if tag in ("img", "script") else attrs.get("href") if tag in ("a", "link") else None
+        if url:
+            self.targets.append(url)
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.mark.parametrize("lang", ["en", "zh_CN"])
+def test_internal_links_resolve_and_external_links_listed(built_site: Path, lang: str):
+    """Offline link check: every relative link of the built pages names a file, and its #anchor an id there.
+
+    ``sphinx-build -b linkcheck`` would need the network; external links are only listed, in
+    build/html/<lang>/external-links.txt, for a check where the network is reachable.
+    """
+    root = built_site / lang
+    pages = {p: _parse(p) for p in root.rglob("*.html") if "_static" not in p.parts}
+    failures, external, checked = [], set(), 0
+    for page, links in pages.items():
+        for url in links.targets:
+            parts = urlsplit(url)
+            if parts.scheme in ("http", "https"):
+                external.add(url)
+                continue
+            if parts.scheme or url.startswith("//"):  # mailto:, data:, javascript:
+                continue
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            checked += 1
+            if not target.is_file():
+                failures.append(f"{page.relative_to(root)}: {url} -> no file")
+            elif parts.fragment and target.suffix == ".html":
+                ids = pages[target].ids if target in pages else _parse(target).ids
+                if unquote(parts.fragment) not in ids:
+                    failures.append(f"{page.relative_to(root)}: {url} -> no id {parts.fragment!r}")
+    (root / "external-links.txt").write_text("".join(f"{url}\n" for url in sorted(external)), encoding="utf-8")
+    assert checked > 500 and external
+    assert not failures, "\n".join(failures[:40])
+
+
+def test_architecture_diagrams_fit_and_match():
+    """The landing page's SVG in both languages: every box inside the drawing, the same shapes in each."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"svg": "http://www.w3.org/2000/svg"}
+    shapes = {}
+    for name in ("architecture.svg", "architecture.zh_CN.svg"):
+        svg = ET.parse(ROOT / "docs" / "_static" / name).getroot()
+        _, _, width, height = (float(v) for v in svg.get("viewBox").split())
+        rects = svg.findall("svg:rect", ns)
+        assert len(rects) == 4, name  # GPU prefix cache, CPU pool, disk, Redis
+        for rect in rects:
+            assert float(rect.get("x")) + float(rect.get("width")) <= width, f"{name}: a box is cut off"
+            assert float(rect.get("y")) + float(rect.get("height")) <= height, f"{name}: a box is cut off"
+        shapes[name] = [(r.get("x"), r.get("y")) for r in rects]
+    assert shapes["architecture.svg"] == shapes["architecture.zh_CN.svg"]

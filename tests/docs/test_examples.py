@@ -98,11 +98,36 @@ def test_cpu_offloading_speedup(tiny_model, with_kvoffload):
                   "4 prompts of 1,200 tokens; run without --kvoffload")
 
 
+_GUARD = 'if __name__ == "__main__":\n    main()\n'
+_BOOTSTRAP_ERROR = "current process has finished its bootstrapping phase"  # Python wraps the line before it
+
+
 @pytest.mark.vllm
-def test_spawn_troubleshooting(tiny_model):
-    proc = run_example([str(EXAMPLES / "spawn_troubleshooting.py"), "--model", tiny_model,
-                        "--max-model-len", "4096", "--gpu-memory-utilization", "0.3"])
-    assert "start method: spawn, generated 4 tokens" in proc.stdout
+@pytest.mark.parametrize("guard", [True, False], ids=["with-guard", "without-guard"])
+def test_spawn_troubleshooting(tiny_model, tmp_path, guard):
+    """The failure the troubleshooting page explains, reproduced: with spawn, a script that calls main()
+    unguarded is re-run by the engine process vLLM spawns, and that process dies with Python's
+    bootstrapping error; the same script with the guard generates."""
+    source = (EXAMPLES / "spawn_troubleshooting.py").read_text()
+    assert source.count(_GUARD) == 1
+    script = tmp_path / "spawn_troubleshooting.py"
+    script.write_text(source if guard else source.replace(_GUARD, "main()\n"))
+    args = [sys.executable, str(script), "--model", tiny_model, "--max-model-len", "4096",
+            "--gpu-memory-utilization", "0.3"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=example_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a parent that waits forever for its dead engine is a failure too
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    if guard:
+        assert proc.returncode == 0, output[-6000:]
+        assert "start method: spawn, generated 4 tokens" in output
+        assert _BOOTSTRAP_ERROR not in output
+    else:
+        assert proc.returncode != 0, output[-6000:]
+        assert _BOOTSTRAP_ERROR in output and "generated 4 tokens" not in output, output[-6000:]
 
 
 def _free_port() -> int:
