@@ -39,7 +39,7 @@ class ModelFingerprint:
     #: Digest of the effective model config (``hf_overrides`` applied), dtype, quantization, KV-cache dtype and
     #: scales, load format: whatever changes the KV of the same tokens with the same weights.
     config: str = ""
-    #: Digest of the weight files' content (:mod:`kvoffload.model_digest`); ``""`` when unidentified.
+    #: Digest of the weight files' content (``kvoffload.model_digest``); ``""`` when unidentified.
     weights: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -61,7 +61,7 @@ class ModelFingerprint:
 def request_namespace(model: ModelFingerprint, cache_salt: str | None = None, adapter: str | None = None) -> bytes:
     """The seed of a request's key chain: the model plus anything that changes KV for the same tokens.
 
-    ``adapter`` is the LoRA adapter's content digest (:mod:`kvoffload.model_digest`), never its name: a name
+    ``adapter`` is the LoRA adapter's content digest (``kvoffload.model_digest``), never its name: a name
     can point to other weights after a reload or a restart."""
     h = hashlib.sha256(b"kvoffload-ns\0")
     h.update(model.digest())

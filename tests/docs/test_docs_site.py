@@ -92,8 +92,10 @@ def test_example_config_files_are_valid():
     assert tiers.local_disk and tiers.max_local_disk_size > 0 and tiers.remote_url.startswith("redis://")
 
 
-def test_production_stack_values():
-    """The Helm values file parses, enables kvoffload, and its settings pass kvoffload's validation."""
+def test_production_stack_values(monkeypatch):
+    """The Helm values file parses, enables kvoffload, and its settings pass kvoffload's validation on the node
+    it asks for (the pool is checked against the host's memory: here, the pod's requestMemory)."""
+    from kvoffload import config
     from kvoffload.config import load_settings
 
     values = yaml.safe_load((ROOT / "examples" / "production-stack" / "values-kvoffload.yaml").read_text())
@@ -108,6 +110,8 @@ def test_production_stack_values():
     assert all(isinstance(a, str) for a in args)
     ktc = json.loads(args[args.index("--kv-transfer-config") + 1])
     assert ktc == {"kv_connector": "KVOffloadConnector", "kv_role": "kv_both"}
+    monkeypatch.setattr(config, "host_memory_bytes",
+                        lambda: int(float(spec["requestMemory"].removesuffix("Gi")) * 2**30))
     env = {e["name"]: e["value"] for e in spec["env"]}
     assert all(isinstance(v, str) for v in env.values()), "Kubernetes env values must be strings"
     settings = load_settings(environ=env)

@@ -43,7 +43,7 @@ def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprin
 
     The path or hub id is kept for logs but proves nothing on its own: weights overwritten in place or an
     ``hf_overrides`` change (``rope_theta``) give the same name and other KV, so both the effective config
-    and a digest of the weight files are part of it (:mod:`kvoffload.model_digest`)."""
+    and a digest of the weight files are part of it (``kvoffload.model_digest``)."""
     group = kv_cache_config.kv_cache_groups[0]
     spec = group.kv_cache_spec
     model = vllm_config.model_config
