@@ -43,3 +43,20 @@ def test_dashboard_queries_only_exported_metrics():
 def test_dashboard_shows_key_metrics():
     assert KEY_METRICS <= exported_names()
     assert KEY_METRICS <= dashboard_metrics()
+
+
+def page_metrics() -> set[str]:
+    """Metric names in docs/monitoring.md's table, ``{a,b}`` groups expanded."""
+    text = (DASHBOARD.parents[2] / "docs" / "monitoring.md").read_text()
+    names: set[str] = set()
+    for cell in re.findall(r"`(kvoffload:[^`]+)`", text):
+        expanded = [cell]
+        while any("{" in n for n in expanded):
+            expanded = [n[:n.index("{")] + alt + n[n.index("}") + 1:]
+                        for n in expanded for alt in n[n.index("{") + 1:n.index("}")].split(",")]
+        names.update(expanded)
+    return names
+
+
+def test_monitoring_page_lists_every_exported_metric():
+    assert page_metrics() == exported_names()
