@@ -89,7 +89,7 @@ def _gbps(nbytes: float, seconds: float) -> float:
 
 
 class KVOffloadPromMetrics(KVConnectorPromMetrics):
-    """``kvoffload_*`` Prometheus counters and gauges, labelled like vLLM's own engine metrics."""
+    """``kvoffload:*`` Prometheus counters and gauges, labelled like vLLM's own engine metrics."""
 
     def __init__(self, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
                  per_engine_labelvalues: dict[int, list[object]]) -> None:
