@@ -25,6 +25,8 @@ from urllib.parse import parse_qs, urlparse
 
 import yaml
 
+from kvoffload.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "KVOFFLOAD_"
@@ -57,10 +59,6 @@ LMCACHE_ONLY_KEYS: dict[str, str] = {
 }
 # LMCache settings that exist only to select LMCache code paths; accepted and ignored.
 LMCACHE_NOOP_KEYS = {"use_experimental", "track_usage", "log_level", "remote_serde", "cache_policy"}
-
-
-class ConfigError(ValueError):
-    """A setting is wrong. The message names the key, the value, its source and the accepted form."""
 
 
 class _Refused(ValueError):

@@ -25,6 +25,8 @@ import struct
 import time
 from pathlib import Path
 
+from kvoffload.errors import UnreadableModel
+
 logger = logging.getLogger("kvoffload")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
@@ -34,10 +36,6 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json"}
 SAMPLE = 4096
 OTHER_SAMPLES, OTHER_SAMPLE = 16, 64 * 1024
-
-
-class UnreadableModel(Exception):
-    """The files behind a model or adapter cannot be found or read: its KV cannot be identified."""
 
 
 def resolve_local(name: str, revision: str | None = None) -> Path | None:

@@ -43,6 +43,7 @@ from typing import BinaryIO, Iterable
 import xxhash
 
 from kvoffload.config import ConfigError
+from kvoffload.errors import BadEntry
 from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,6 @@ SUFFIX = ".kvo"
 _TMP_MARK = ".tmp."
 #: A temporary file older than this at start belongs to a writer that died (a chunk takes well under a second).
 _STALE_TMP_SECONDS = 60.0
-
-
-class BadEntry(ValueError):
-    """An entry that must not be served; the message says why (for logs and ``cache verify``)."""
 
 
 @dataclass(frozen=True)

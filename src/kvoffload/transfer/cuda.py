@@ -32,6 +32,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from kvoffload.errors import ExtensionUnavailable
 from kvoffload.transfer.base import CopyBackend, DoneFence, Fence, LayeredStore, PagedKV
 
 PIECE_BYTES = 64 << 20
@@ -48,10 +49,6 @@ so the pipeline never waits for them, while most SMs stay free for the model's k
 
 _CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _SOURCES = ("bindings.cpp", "kv_copy_kernels.cu")
-
-
-class ExtensionUnavailable(RuntimeError):
-    """The CUDA extension is neither installed nor buildable here; ``make_copy_backend`` falls back to torch."""
 
 
 @functools.cache

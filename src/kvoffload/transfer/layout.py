@@ -14,11 +14,8 @@ import math
 
 import torch
 
+from kvoffload.errors import UnsupportedLayout
 from kvoffload.transfer.base import PagedKV
-
-
-class UnsupportedLayout(ValueError):
-    """The KV cache tensor is not made of contiguous per-block pages; kvoffload cannot copy it safely."""
 
 
 def _dense_inner(tensor: torch.Tensor) -> bool:

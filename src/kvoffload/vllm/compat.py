@@ -17,6 +17,8 @@ import vllm
 from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 
+from kvoffload.errors import UnsupportedVLLM
+
 #: Releases (major, minor) this code base was written and tested for, both ends included.
 SUPPORTED = ((0, 26), (0, 32))
 
@@ -26,10 +28,6 @@ REQUIRED_FIELDS = {
     CachedRequestData: ("req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens"),
     KVConnectorOutput: ("finished_sending", "finished_recving", "kv_connector_worker_meta"),
 }
-
-
-class UnsupportedVLLM(RuntimeError):
-    """The installed vLLM is a release kvoffload does not know; it refuses to run rather than half-work."""
 
 
 def release(version: str) -> tuple[int, int]:

@@ -9,10 +9,33 @@ import logging
 from typing import Any
 
 from kvoffload.config import ConfigError, Settings
+from kvoffload.errors import UnsupportedModel
 from kvoffload.keys import ModelFingerprint
 from kvoffload.model_digest import UnreadableModel, digest_directory, resolve_local
 
 logger = logging.getLogger("kvoffload")
+
+
+def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
+    """Refuse, at engine start and with the reason, a model whose KV cache kvoffload cannot offload.
+
+    Both sides call it before anything else: without it a state-space model got as far as the fingerprint
+    (``MambaSpec`` has no ``dtype``) and died with an ``AttributeError``, and a hybrid model with several KV
+    cache groups would be offloaded as if it had one."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if any(isinstance(group.kv_cache_spec, MambaSpec) for group in groups):
+        raise UnsupportedModel("kvoffload cannot offload this model: it keeps Mamba/linear-attention state caches "
+                               "(state-space or Gated-DeltaNet layers), which kvoffload does not store yet; run it "
+                               "without --kv-transfer-config")
+    if len(groups) != 1:
+        raise UnsupportedModel(f"kvoffload supports models with one KV cache group, this one has {len(groups)} "
+                               "(hybrid attention); run it without --kv-transfer-config, or keep vLLM's hybrid KV "
+                               "cache manager off (--disable-hybrid-kv-cache-manager) so that it has one group")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise UnsupportedModel("kvoffload does not support pipeline parallelism yet; use tensor parallelism or run "
+                               "without --kv-transfer-config")
 
 
 def slots_per_worker(settings: Settings, world_size: int, slot_bytes: int) -> int:

@@ -49,8 +49,14 @@ from typing import Any
 
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.vllm.identity import adapter_digest, model_fingerprint, pages_per_chunk, slots_per_worker
 from kvoffload.tiers.host_index import Entry, HostIndex, SlotState
+from kvoffload.vllm.identity import (
+    adapter_digest,
+    check_supported,
+    model_fingerprint,
+    pages_per_chunk,
+    slots_per_worker,
+)
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import KVOffloadStats
@@ -61,10 +67,6 @@ PREFETCH_TIMEOUT_S = 30.0  # a request waits at most this long for its prefix to
 #: How long a request whose prefix is on disk/remote waits for host-pool room to prefetch into. Other
 #: requests' loads free slots within a few steps; a pool that stays full means recomputing is faster.
 PREFETCH_ROOM_WAIT_S = 2.0
-
-
-class UnsupportedModel(ValueError):
-    """The model's KV cache is of a kind kvoffload cannot offload (hybrid, several groups, pipeline parallel)."""
 
 
 @dataclass
@@ -93,13 +95,9 @@ class _Request:
 
 class OffloadScheduler:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings) -> None:
+        check_supported(vllm_config, kv_cache_config)
         groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise UnsupportedModel(f"kvoffload supports models with one KV cache group, this one has {len(groups)} "
-                                   "(hybrid attention); run it without the connector")
         parallel = vllm_config.parallel_config
-        if parallel.pipeline_parallel_size > 1:
-            raise UnsupportedModel("kvoffload does not support pipeline parallelism yet")
         spec = groups[0].kv_cache_spec
         self.settings = settings
         self.block_size = spec.block_size

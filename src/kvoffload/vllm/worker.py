@@ -37,7 +37,7 @@ from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.base import LayeredStore
 from kvoffload.transfer.layout import paged_kv
-from kvoffload.vllm.identity import pages_per_chunk, slots_per_worker
+from kvoffload.vllm.identity import check_supported, pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
@@ -70,6 +70,7 @@ class OffloadWorker:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings, rank: int | None = None) -> None:
         """``rank``: this worker's tensor-parallel rank; by default vLLM's (tests driving several ranks in one
         process pass it)."""
+        check_supported(vllm_config, kv_cache_config)
         self.settings = settings
         self.kv_cache_config = kv_cache_config
         parallel = vllm_config.parallel_config
@@ -105,8 +106,6 @@ class OffloadWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], model_fingerprint: ModelFingerprint) -> None:
         tensors = list(kv_caches.values())
         self._layer_index = {name: index for index, name in enumerate(kv_caches)}
-        if any(not isinstance(t, torch.Tensor) for t in tensors):
-            raise ValueError("kvoffload: this model has state caches (Mamba/linear attention); not supported")
         kv = paged_kv(tensors, self.kv_cache_config.num_blocks)
         pages_per_slot = pages_per_chunk(self.settings, self.kv_cache_config)
         slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
