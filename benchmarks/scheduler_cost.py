@@ -104,9 +104,9 @@ def run_prompts(scheduler: Any, prompts: list[list[int]], tag: str, spent: dict[
         report, recving = WorkerReport(), set()
         if isinstance(plan, StepPlan):
             for copies in plan.stores:
-                report.stored.update(chunk.key for chunk in copies.chunks)
+                report.done.update(chunk.op for chunk in copies.chunks)
             for copies in plan.loads:
-                report.loaded.update(chunk.key for chunk in copies.chunks)
+                report.done.update(chunk.op for chunk in copies.chunks)
                 loaded += len(copies.chunks)
                 if not copies.sync:
                     recving.add(copies.req_id)

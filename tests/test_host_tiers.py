@@ -14,19 +14,39 @@ from kvoffload.tiers.host_pool import HostPool
 
 def test_index_evicts_least_recently_used_idle_chunks_only() -> None:
     index = HostIndex(3)
-    for key in (b"a", b"b", b"c"):
-        index.allocate(key, 2, SlotState.STORING)
-    assert index.allocate(b"d", 2, SlotState.STORING) is None  # nothing is READY yet: nothing to evict
-    for key in (b"a", b"b", b"c"):
-        index.mark_ready(key)
-    index.touch(b"a")
-    index.pin(b"b")
-    entry = index.allocate(b"d", 2, SlotState.STORING)
-    assert entry is not None and index.get(b"c") is None  # b is pinned, a was touched: c goes
+    a, b, c = (index.prepare(key, 2, SlotState.STORING) for key in (b"a", b"b", b"c"))
+    assert index.prepare(b"d", 2, SlotState.STORING) is None  # nothing is READY yet: nothing to evict
+    for entry in (a, b, c):
+        index.complete(entry, ok=True)
+    index.touch(a)
+    index.pin(b)
+    d = index.prepare(b"d", 2, SlotState.STORING)
+    assert d is not None and index.get(b"c") is None  # b is pinned, a was touched: c goes
     assert index.evictions == 1
-    index.unpin(b"b")
-    assert index.allocate(b"e", 1, SlotState.PREFETCHING) is not None and index.get(b"b") is None
+    index.unpin(b)
+    assert index.prepare(b"e", 1, SlotState.PREFETCHING) is not None and index.get(b"b") is None
     assert index.used_slots == 3 and len({index.get(k).slot for k in (b"a", b"d", b"e")}) == 3
+
+
+def test_a_pin_holds_its_own_entry_never_a_later_one_of_the_same_key() -> None:
+    """A failed prefetch drops its entry while a waiting request still pins it: the key may get a new entry
+    at once, the old slot is freed only at the old entry's last unpin, and that unpin leaves the new one alone
+    (keyed pins released the new entry's pin, so an eviction could overwrite it under its load)."""
+    index = HostIndex(2)
+    old = index.prepare(b"k", 1, SlotState.PREFETCHING)
+    index.pin(old)  # a request waiting for the prefetch
+    index.complete(old, ok=False)
+    assert index.get(b"k") is None and index.used_slots == 1, "a pinned slot was freed"
+    new = index.prepare(b"k", 1, SlotState.STORING)
+    assert new is not None and new.slot != old.slot
+    index.complete(new, ok=True)
+    index.pin(new)  # a load planned from the new entry
+    index.unpin(old)
+    assert index.used_slots == 1 and new.pins == 1 and index.get(b"k") is new
+    assert index.prepare(b"x", 1, SlotState.STORING) is not None  # the old slot is free again
+    assert index.prepare(b"y", 1, SlotState.STORING) is None, "the pinned new entry was evicted"
+    with pytest.raises(RuntimeError, match="unpinned more often"):
+        index.unpin(old)
 
 
 def test_pool_is_exactly_the_configured_size_and_payloads_round_trip() -> None:

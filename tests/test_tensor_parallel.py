@@ -173,7 +173,7 @@ def test_chunk_still_being_stored_is_promised_and_loaded_behind_its_store() -> N
     for rank in range(2):
         assert torch.equal(engine.pages(rank, b_blocks).view(torch.uint8), engine.pages(rank, a_blocks).view(torch.uint8))
     assert all(engine.scheduler.index.get(k).state is SlotState.STORING for k in keys)
-    assert all(engine.scheduler.index.get(k).pins == 0 for k in keys), "the load's pins outlived it"
+    assert all(engine.scheduler.index.get(k).pins == 1 for k in keys), "the load's pins outlived it (1: the store's)"
     gate["open"] = True
     wait_idle(engine)
     assert all(engine.scheduler.index.ready(k) is not None for k in keys)
@@ -200,7 +200,7 @@ def check_repeat_copied_from_held_blocks(engine: TPEngine) -> None:
 
     b_blocks = engine.load_repeat("b", 20)
     assert engine.holds(b_blocks, [engine.pages(rank, a_blocks) for rank in range(2)])
-    assert all(engine.scheduler.index.get(k).pins == 0 for k in keys), "the load's pins outlived it"
+    assert all(engine.scheduler.index.get(k).pins == 1 for k in keys), "the load's pins outlived it (1: the store's)"
 
     for worker, pages in zip(engine.workers, stored):
         worker.pool.tensor[slots] = pages
@@ -320,17 +320,19 @@ def test_request_sent_while_the_pool_is_being_pinned_is_stored() -> None:
 
 
 def test_reports_count_per_rank_until_world_size() -> None:
-    """The scheduler acts on a key when as many ranks as the world size reported it, across steps."""
+    """The scheduler completes an operation when as many ranks as the world size reported it, across steps."""
     engine = TPEngine()
     a = Request("a", PROMPT)
     keys = engine.keys(a)
     engine.scheduler.get_num_new_matched_tokens(a, 0)
     engine.scheduler.update_state_after_alloc(a, Blocks(list(range(1, 1 + PROMPT_BLOCKS))), 0)
-    engine.scheduler.build_connector_meta(schedule_new(a, list(range(1, 1 + PROMPT_BLOCKS)), 0, len(PROMPT)))
+    plan = engine.scheduler.build_connector_meta(schedule_new(a, list(range(1, 1 + PROMPT_BLOCKS)), 0, len(PROMPT)))
+    ops = [chunk.op for copies in plan.stores for chunk in copies.chunks]
+    assert len(set(ops)) == len(keys)
     rank0, rank1 = WorkerReport(), WorkerReport()
-    for key in keys:
-        rank0.stored[key] += 1
-        rank1.stored[key] += 1
+    for op in ops:
+        rank0.done[op] += 1
+        rank1.done[op] += 1
 
     engine.scheduler.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=rank0))
     assert all(engine.scheduler.index.ready(k) is None for k in keys)
@@ -341,7 +343,7 @@ def test_reports_count_per_rank_until_world_size() -> None:
     assert not engine.scheduler.has_pending_work()
     # both ranks in one step, summed as vLLM's aggregator does: 2 = world size
     both = rank0.aggregate(rank1)
-    assert all(both.stored[k] == 2 for k in keys)
+    assert all(both.done[op] == 2 for op in ops)
     engine.shutdown()
 
 

@@ -7,10 +7,14 @@ The index decides; it never touches bytes. Every slot is in exactly one of these
 * ``PREFETCHING``: a read from disk/remote into the slot was planned; valid once every worker succeeded,
 * ``READY``: valid bytes.
 
-A READY entry is evictable (least recently used first) unless a load reads from it or a persistent tier
-still writes it out (``pins``). No path frees a pinned slot: ``drop`` of a pinned entry (a chunk written
-out with ``local_cpu`` off while a planned load still reads it) takes effect at its last ``unpin``. Slots are fixed-size (one chunk), so "LRU by bytes" and "LRU by slots"
-are the same thing, and the pool can never exceed its configured size.
+An entry goes through *prepare* (a slot for a chunk whose bytes are on their way) and *complete* (the
+operation that fills it succeeded: READY; or failed: the entry is dropped). Whoever reads or fills a slot
+holds a pin on its :class:`Entry` object, not on its key, for as long as it does: an operation, or a request
+between its lookup and its load. No path frees a pinned slot. A READY entry is evictable (least recently
+used first) only while nothing pins it; ``drop`` of a pinned entry takes it out of the index at once (a
+lookup no longer finds it, and the key may get a new entry) and frees its slot at the last unpin, so a pin
+can never release or protect another entry of the same key. Slots are fixed-size (one chunk), so "LRU by
+bytes" and "LRU by slots" are the same thing, and the pool can never exceed its configured size.
 """
 
 from __future__ import annotations
@@ -26,13 +30,21 @@ class SlotState(Enum):
     READY = "ready"
 
 
-@dataclass
+#: ``Entry.origin`` of bytes copied from vLLM's own blocks.
+HOST = "host"
+
+
+@dataclass(eq=False)  # compared and hashed by identity: two entries of one key are two different slots
 class Entry:
+    key: bytes
     slot: int
     num_pages: int
     state: SlotState
     pins: int = 0
-    dropped: bool = False  # drop() was asked while pinned: freed at the last unpin
+    indexed: bool = True  # False once dropped: no lookup finds it; its slot is freed at the last unpin
+    #: Where the bytes came from, for vLLM's per-source hit metric: HOST, or the persistent tier ("disk",
+    #: "redis") a prefetch read them from, until the first load planned from the entry (then the host pool).
+    origin: str = HOST
 
 
 class HostIndex:
@@ -52,58 +64,59 @@ class HostIndex:
         entry = self._entries.get(key)
         return entry if entry is not None and entry.state is SlotState.READY else None
 
-    def touch(self, key: bytes) -> None:
-        if key in self._entries:
-            self._entries.move_to_end(key)
+    def touch(self, entry: Entry) -> None:
+        if entry.indexed:
+            self._entries.move_to_end(entry.key)
 
-    def allocate(self, key: bytes, num_pages: int, state: SlotState) -> Entry | None:
-        """A slot for a new chunk, evicting the least recently used idle chunk if needed; None if all busy."""
+    def prepare(self, key: bytes, num_pages: int, state: SlotState) -> Entry | None:
+        """A slot for a chunk whose bytes an operation is about to bring (``STORING`` or ``PREFETCHING``),
+        evicting the least recently used idle chunk if needed; None if every slot is busy."""
         if key in self._entries:
             raise KeyError("chunk already indexed")
         if not self._free and not self._evict_one():
             return None
-        entry = Entry(slot=self._free.pop(), num_pages=num_pages, state=state)
+        entry = Entry(key=key, slot=self._free.pop(), num_pages=num_pages, state=state)
         self._entries[key] = entry
         return entry
 
+    def complete(self, entry: Entry, ok: bool) -> None:
+        """The operation that fills ``entry`` finished: its bytes are valid (READY) or must never be read."""
+        if ok:
+            entry.state = SlotState.READY
+        else:
+            self.drop(entry)
+
     def _evict_one(self) -> bool:
-        for key, entry in self._entries.items():
+        for entry in self._entries.values():
             if entry.state is SlotState.READY and entry.pins == 0:
-                self.drop(key)
+                self.drop(entry)
                 self.evictions += 1
                 return True
         return False
 
-    def mark_ready(self, key: bytes) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.state = SlotState.READY
+    def drop(self, entry: Entry) -> None:
+        """Take the chunk out of the index now; free its slot now, or at the last unpin while something reads
+        or fills it."""
+        if entry.indexed:
+            entry.indexed = False
+            del self._entries[entry.key]
+            if entry.pins == 0:
+                self._free.append(entry.slot)
 
-    def drop(self, key: bytes) -> None:
-        """Remove the chunk and free its slot, or, while something still reads it, as soon as nothing does."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return
-        if entry.pins > 0:
-            entry.dropped = True
-            return
-        del self._entries[key]
-        self._free.append(entry.slot)
+    def pin(self, entry: Entry) -> None:
+        entry.pins += 1
 
-    def pin(self, key: bytes) -> None:
-        self._entries[key].pins += 1
-
-    def unpin(self, key: bytes) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.pins > 0:
-            entry.pins -= 1
-            if entry.pins == 0 and entry.dropped:
-                self.drop(key)
+    def unpin(self, entry: Entry) -> None:
+        if entry.pins <= 0:
+            raise RuntimeError("kvoffload: a host-pool slot was unpinned more often than pinned; please report this")
+        entry.pins -= 1
+        if entry.pins == 0 and not entry.indexed:
+            self._free.append(entry.slot)
 
     def clear_idle(self) -> None:
         """Drop every READY, unpinned chunk (``reset_prefix_cache``)."""
-        for key in [k for k, e in self._entries.items() if e.state is SlotState.READY and e.pins == 0]:
-            self.drop(key)
+        for entry in [e for e in self._entries.values() if e.state is SlotState.READY and e.pins == 0]:
+            self.drop(entry)
 
     @property
     def used_slots(self) -> int:

@@ -12,10 +12,16 @@ read here (checked by this probe at start); anything outside ``SUPPORTED`` is re
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import vllm
 from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
+
+try:  # 0.32+: vLLM counts prompt tokens by the tier that supplied them (vllm:prompt_tokens_cached_by_source)
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # 0.26-0.31: no per-source metric; vLLM never asks
+    CacheHitSource = None
 
 from kvoffload.errors import UnsupportedVLLM
 
@@ -58,3 +64,20 @@ def check(version: str = vllm.__version__) -> tuple[int, int]:
 
 
 VLLM_RELEASE = check()
+
+
+#: ``Entry.origin`` (the host pool, or the persistent tier a prefetch read from) -> vLLM's name for it. vLLM
+#: has no "remote" source: Redis/Valkey is its ``external_unspecified``.
+_HIT_SOURCES = {"host": "HOST", "disk": "DISK", "redis": "EXTERNAL_UNSPECIFIED"}
+
+
+def hit_sources(tokens_by_origin: dict[str, int]) -> dict[Any, int]:
+    """kvoffload's per-origin token counts of a load, as vLLM's ``get_external_cache_hit_sources`` wants them."""
+    if CacheHitSource is None:
+        return {}
+    out: dict[Any, int] = {}
+    for origin, tokens in tokens_by_origin.items():
+        source = getattr(CacheHitSource, _HIT_SOURCES.get(origin, "EXTERNAL_UNSPECIFIED"))
+        if tokens:
+            out[source] = out.get(source, 0) + tokens
+    return out

@@ -22,7 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvoffload.config import load_settings
-from kvoffload.vllm import compat  # noqa: F401  (refuses an unknown vLLM release at import)
+from kvoffload.vllm import compat  # refuses an unknown vLLM release at import
 from kvoffload.vllm.identity import model_fingerprint
 from kvoffload.vllm.logs import route_through_vllm
 from kvoffload.vllm.plan import StepPlan
@@ -69,6 +69,14 @@ class KVOffloadConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request, block_ids)
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
+        """vLLM 0.32+: where the tokens of the load just planned come from (host pool, disk, Redis), for
+        ``vllm:prompt_tokens_cached_by_source``; earlier releases never call it."""
+        assert self._scheduler is not None
+        if num_external_tokens == 0:
+            return {}
+        return compat.hit_sources(self._scheduler.hit_sources(request))
 
     def has_pending_push_work(self) -> bool:
         return self._scheduler is not None and self._scheduler.has_pending_work()

@@ -1,8 +1,13 @@
 """What the scheduler side tells the workers each step, and what the workers report back.
 
 Both travel between processes (pickled by vLLM), so they are plain dataclasses of ints, bytes and lists.
-Reports count per key because with tensor parallelism every rank reports the same key once; the
-scheduler acts when the count reaches the world size.
+
+Every copy the scheduler plans is an *operation* with an id of its own: the store of a chunk, its write-out
+to the persistent tiers, a load of it into a request's blocks, a prefetch of it from disk/Redis. A worker
+reports each operation it finished, by id, as done or failed; with tensor parallelism every rank reports
+each operation once, and the scheduler completes it when all ranks have (failed if any rank failed). Ids,
+not chunk keys: the same chunk loaded for two requests in one step, or stored again after its first entry
+was dropped, is two operations that complete on their own.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 class ChunkCopy:
     """Pages of one chunk to move between vLLM blocks and a host slot."""
 
-    key: bytes
+    op: int  # the id of this copy (a store or a load of the chunk)
     slot: int
     block_ids: list[int]
     first_page: int  # page of the slot that block_ids[0] maps to
-    persist: bool = False  # after a store: write the chunk to the persistent tiers too
     num_pages: int = 0  # pages of the chunk's payload (whole chunk or partial tail)
+    key: bytes = b""  # of a store: the chunk's key, under which it is written out
+    persist_op: int | None = None  # of a store: the id of its write-out to the persistent tiers, if any
     # A load whose chunk is still in vLLM blocks that a finished request holds for its stores: copy
     # source_block_ids[i] -> block_ids[i] on the device instead of from the slot (see the scheduler).
     source_block_ids: list[int] | None = None
@@ -41,6 +47,7 @@ class RequestCopies:
 class Prefetch:
     """Read a chunk from a persistent tier into a host slot."""
 
+    op: int
     key: bytes
     slot: int
     num_pages: int
@@ -60,27 +67,16 @@ class StepPlan(KVConnectorMetadata):
 
 @dataclass
 class WorkerReport(KVConnectorWorkerMetadata):
-    stored: Counter = field(default_factory=Counter)  # key -> ranks whose store finished
-    loaded: Counter = field(default_factory=Counter)  # key -> ranks whose load from the slot finished
-    persisted: Counter = field(default_factory=Counter)  # key -> ranks done writing it out (ok or not)
-    persisted_ok: Counter = field(default_factory=Counter)
-    prefetched: Counter = field(default_factory=Counter)  # key -> ranks whose prefetch succeeded
-    prefetch_failed: Counter = field(default_factory=Counter)
+    done: Counter = field(default_factory=Counter)  # operation id -> ranks that finished it
+    failed: Counter = field(default_factory=Counter)  # operation id -> ranks for which it failed
+    sources: dict = field(default_factory=dict)  # prefetch id -> the tier that served it ("disk", "redis")
     removed: set = field(default_factory=set)  # keys a persistent tier dropped (eviction, corruption)
     layout: str | None = None  # the worker's KV layout signature, sent once: names its persistent storage
 
     def aggregate(self, other: "WorkerReport") -> "WorkerReport":
-        return WorkerReport(
-            stored=self.stored + other.stored,
-            loaded=self.loaded + other.loaded,
-            persisted=self.persisted + other.persisted,
-            persisted_ok=self.persisted_ok + other.persisted_ok,
-            prefetched=self.prefetched + other.prefetched,
-            prefetch_failed=self.prefetch_failed + other.prefetch_failed,
-            removed=self.removed | other.removed,
-            layout=self.layout or other.layout,
-        )
+        return WorkerReport(done=self.done + other.done, failed=self.failed + other.failed,
+                            sources={**self.sources, **other.sources}, removed=self.removed | other.removed,
+                            layout=self.layout or other.layout)
 
     def is_empty(self) -> bool:
-        return not (self.stored or self.loaded or self.persisted or self.prefetched or self.prefetch_failed
-                    or self.removed or self.layout)
+        return not (self.done or self.failed or self.removed or self.layout)

@@ -1,5 +1,13 @@
 """Scheduler side: decides what to load, store and prefetch. Never touches KV bytes.
 
+How it is built: every copy it plans is an operation (:class:`_Op`) with an id, holding a pin on the
+:class:`~kvoffload.tiers.host_index.Entry` it reads or fills from the moment it is planned until every
+worker reported it, done or failed; the index fills a slot by prepare and complete(ok). A lookup is a pure
+decision (:meth:`OffloadScheduler._decide`: miss, ask again, fetch, hit) that the caller then carries out.
+So the invariants hold by construction: no slot is freed or overwritten while an operation or a promised
+load uses it, and an operation completes exactly once, whatever the number of ranks or of requests that
+want the same chunk.
+
 Runs inside vLLM's EngineCore process. It answers vLLM's question "how many prompt tokens can you
 provide?" from its :class:`~kvoffload.tiers.host_index.HostIndex` (and, for prefixes on disk or in
 Redis, by starting a prefetch into the host pool and answering "ask me again"), and each step turns
@@ -43,13 +51,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
-from kvoffload.tiers.host_index import Entry, HostIndex, SlotState
+from kvoffload.tiers.host_index import HOST, Entry, HostIndex, SlotState
 from kvoffload.vllm.identity import (
     adapter_digest,
     check_supported,
@@ -69,6 +77,39 @@ PREFETCH_TIMEOUT_S = 30.0  # a request waits at most this long for its prefix to
 PREFETCH_ROOM_WAIT_S = 2.0
 
 
+class OpKind(Enum):
+    STORE = "store"  # vLLM blocks -> host slot (a device copy: reported done; failure would kill the worker)
+    PERSIST = "persist"  # host slot -> disk/Redis, after its store (fails when no tier took it)
+    LOAD = "load"  # host slot (or a finished request's blocks) -> a request's blocks
+    PREFETCH = "prefetch"  # disk/Redis -> host slot (fails when no tier has the chunk whole and verified)
+
+
+@dataclass(eq=False)
+class _Op:
+    """One planned copy: pins its entry from planning until every worker reported it."""
+
+    kind: OpKind
+    entry: Entry
+    done: int = 0  # ranks that reported it done
+    failed: int = 0  # ranks that reported it failed
+    source: str | None = None  # of a prefetch: the tier that served it
+
+
+class Answer(Enum):
+    MISS = "miss"  # nothing to load: vLLM computes the prompt
+    ASK_AGAIN = "ask again"  # the answer will be better in a step or two: vLLM asks again
+    WAIT = "wait"  # the next chunks are being prefetched for another request: wait for them, once
+    FETCH = "fetch"  # start prefetching the rest of the prefix from disk/remote
+    HIT = "hit"  # load the leading chunks from the host pool
+
+
+@dataclass(frozen=True)
+class Decision:
+    answer: Answer
+    entries: tuple[Entry, ...] = ()  # the leading chunks a load may be planned from
+    hit_tokens: int = 0
+
+
 @dataclass
 class _Request:
     request: Any
@@ -80,9 +121,9 @@ class _Request:
     next_chunk: int = 0
     tail_done: bool = False
     stored_any: bool = False
-    hit: tuple[int, int] | None = None  # (first, end) token range promised to vLLM
-    pinned: list[bytes] = field(default_factory=list)  # chunks held for the promised load
-    waiting: set[bytes] = field(default_factory=set)  # chunks being prefetched for this request
+    hit: tuple[int, int, tuple[Entry, ...]] | None = None  # (first, end) tokens promised to vLLM, from entries
+    pinned: list[Entry] = field(default_factory=list)  # held from a lookup until the next one or the load
+    waiting: set[Entry] = field(default_factory=set)  # entries being prefetched that this request waits for
     wait_deadline: float = 0.0
     prefetch_open: bool = True  # the persistent tiers may still be asked for the rest of the prefix
     prefetch_deadline: float = 0.0  # until when it may wait for room in the host pool to prefetch into
@@ -91,21 +132,24 @@ class _Request:
     load_async: bool = False  # how the promised load runs (see the module docstring)
     waited: bool = False
     stored_blocks: dict[bytes, list[int]] = field(default_factory=dict)  # chunk -> its blocks, for stores planned
+    sources: dict[str, int] = field(default_factory=dict)  # tokens of the planned load by origin (Entry.origin)
+
+    @property
+    def chain(self) -> list[bytes]:
+        return self.prompt_keys + ([self.tail_key] if self.tail_key else [])
 
 
 class OffloadScheduler:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings) -> None:
         check_supported(vllm_config, kv_cache_config)
-        groups = kv_cache_config.kv_cache_groups
-        parallel = vllm_config.parallel_config
-        spec = groups[0].kv_cache_spec
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
         self.settings = settings
         self.block_size = spec.block_size
         self.chunk_size = settings.chunk_size
         self.pages_per_chunk = pages_per_chunk(settings, kv_cache_config)
-        self.world_size = parallel.world_size
-        num_layers = len(groups[0].layer_names)
-        self.slot_bytes = num_layers * self.pages_per_chunk * spec.page_size_bytes
+        self.world_size = vllm_config.parallel_config.world_size
+        self.slot_bytes = len(group.layer_names) * self.pages_per_chunk * spec.page_size_bytes
         num_slots = slots_per_worker(settings, self.world_size, self.slot_bytes)
         self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
         self.index = HostIndex(num_slots)
@@ -117,25 +161,55 @@ class OffloadScheduler:
         # blocks), and request -> keys, until the request comes back in finished_sending.
         self._held: dict[bytes, tuple[str, list[int]]] = {}
         self._held_keys: dict[str, list[bytes]] = {}
-        self._loads: list[RequestCopies] = []
+        self._ops: dict[int, _Op] = {}  # planned and not yet reported by every worker
+        self._next_op = 0
+        self._in_flight = {kind: 0 for kind in OpKind}
+        self._loads: list[RequestCopies] = []  # admitted since the last plan
         self._prefetches: list[Prefetch] = []
-        self._store_ok: Counter = Counter()
-        self._load_done: Counter = Counter()
-        self._loading = 0  # chunk loads planned and not yet reported done by every worker
         self._async_loads: set[str] = set()  # requests whose asynchronous load vLLM has not been handed back
         self._running: set[str] = set()  # requests in a planned step and not finished or preempted since
         # Blocks the loads admitted in one step may fill (see the module docstring).
         self._step_load_cap = kv_cache_config.num_blocks // 2 if vllm_config.scheduler_config.async_scheduling \
             else None
-        self._persist_done: Counter = Counter()
-        self._persist_ok: Counter = Counter()
-        self._prefetch_ok: Counter = Counter()
-        self._prefetch_bad: Counter = Counter()
-        self._inflight = 0  # chunks stored, persisted or prefetched and not yet reported by every worker
         self._evictions_seen = 0
         self.stats = KVOffloadStats()
         logger.info("kvoffload: host pool of %d chunk slots (%.2f GB per worker, %d tokens per chunk, "
                     "%d workers)", num_slots, num_slots * self.slot_bytes / 1e9, self.chunk_size, self.world_size)
+
+    # ---- operations ---------------------------------------------------------------------------------
+
+    def _start(self, kind: OpKind, entry: Entry) -> int:
+        """Plan an operation on ``entry``; it holds a pin on it until it completes."""
+        op_id = self._next_op
+        self._next_op += 1
+        self.index.pin(entry)
+        self._ops[op_id] = _Op(kind, entry)
+        self._in_flight[kind] += 1
+        return op_id
+
+    def _complete(self, op: _Op) -> None:
+        """Every worker reported ``op``: apply its outcome (failed if any rank failed), then release its pin."""
+        ok, entry = op.failed == 0, op.entry
+        self._in_flight[op.kind] -= 1
+        if op.kind is OpKind.STORE:
+            self.index.complete(entry, ok)
+            self.stats.add("stored_chunks", 1)
+        elif op.kind is OpKind.LOAD:
+            self.stats.add("loaded_chunks", 1)
+        elif op.kind is OpKind.PERSIST:
+            self.stats.add("persisted_chunks" if ok else "persist_failures", 1)
+            if ok and self.persistent is not None:
+                self.persistent.add(entry.key)
+            if not self.settings.local_cpu:
+                self.index.drop(entry)  # freed once no load reads it any more
+        else:
+            if ok:
+                entry.origin = op.source or HOST
+            elif self.persistent is not None:
+                self.persistent.discard(entry.key)
+            self.index.complete(entry, ok)
+            self.stats.add("prefetched_chunks" if ok else "prefetch_failures", 1)
+        self.index.unpin(entry)
 
     # ---- lookup -------------------------------------------------------------------------------------
 
@@ -157,51 +231,65 @@ class OffloadScheduler:
         self._requests[request.request_id] = state
         return state
 
+    def _decide(self, state: _Request, num_computed_tokens: int) -> Decision:
+        """What to answer vLLM for this request now. Reads the index and the request; changes nothing."""
+        if self._awaiting_persistent():
+            return Decision(Answer.ASK_AGAIN)
+        if any(self._prefetching(e) for e in state.waiting) and time.monotonic() < state.wait_deadline:
+            return Decision(Answer.ASK_AGAIN)  # keeps its pins: what arrived must still be there when it is done
+        chain = state.chain
+        entries = self._leading_loadable(chain)
+        if len(entries) < len(chain):
+            following = self.index.get(chain[len(entries)])
+            if following is not None and self._prefetching(following) and not state.waited:
+                # Being prefetched for another request with the same prefix: the bytes arrive within
+                # milliseconds, far sooner than recomputing them.
+                return Decision(Answer.WAIT, entries)
+            if self.persistent is not None and state.prefetch_open:
+                return Decision(Answer.FETCH, entries)
+        request = state.request
+        hit_tokens = min(len(entries) * self.chunk_size, request.num_prompt_tokens, request.num_tokens - 1)
+        if hit_tokens <= num_computed_tokens:
+            return Decision(Answer.MISS, entries, hit_tokens)
+        if not self._fits_this_step(num_computed_tokens, hit_tokens):
+            return Decision(Answer.ASK_AGAIN)
+        return Decision(Answer.HIT, entries, hit_tokens)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
         if state is None:
             return 0, False
-        if self._awaiting_persistent():
+        decision = self._decide(state, num_computed_tokens)
+        if decision.answer is Answer.ASK_AGAIN:
             return None, False
-        chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
-
-        if state.waiting:
-            if any(self._in_flight(k) for k in state.waiting) and time.monotonic() < state.wait_deadline:
-                return None, False  # keeps its pins: what arrived must still be there when it is done
-            state.waiting.clear()
+        state.waiting.clear()
         self._release(state)
-
-        hit_chunks = self._leading_loadable(chain)
-        if hit_chunks < len(chain) and self._in_flight(chain[hit_chunks]) and not state.waited:
-            # The next chunks are being prefetched (for another request with the same prefix): their bytes
-            # arrive within milliseconds, far sooner than recomputing them, so ask vLLM to come back.
+        if decision.answer is Answer.WAIT:
             state.waited = True
-            state.waiting = {k for k in chain[hit_chunks:] if self._in_flight(k)}
+            state.waiting = {e for key in state.chain[len(decision.entries):]
+                             if (e := self.index.get(key)) is not None and self._prefetching(e)}
             state.wait_deadline = time.monotonic() + PREFETCH_TIMEOUT_S
             return None, False
-        if (self.persistent is not None and state.prefetch_open
-                and hit_chunks < len(chain)):
-            if self._start_prefetch(state, chain, hit_chunks):
+        if decision.answer is Answer.FETCH:
+            if self._start_prefetch(state, list(decision.entries)):
                 return None, False
             self._release(state)
-
-        prompt = request.num_prompt_tokens
-        hit_tokens = min(hit_chunks * self.chunk_size, prompt, request.num_tokens - 1)
-        need = max(hit_tokens - num_computed_tokens, 0)
-        state.answer = (hit_tokens, need)
-        if need == 0:
+            # Nothing to fetch and prefetching closed for this request: decide again on what is here.
+            return self.get_num_new_matched_tokens(request, num_computed_tokens)
+        need = max(decision.hit_tokens - num_computed_tokens, 0)
+        state.answer = (decision.hit_tokens, need)
+        if decision.answer is not Answer.HIT:
             state.hit = None
             return 0, False
-        if not self._fits_this_step(num_computed_tokens, hit_tokens):
-            return None, False
-        state.hit = (num_computed_tokens, hit_tokens)
         state.load_async = bool(self._async_loads) or (
-            self._loading > 0 and any(self._will_compute(req_id) for req_id in self._running))
-        first, last = num_computed_tokens // self.chunk_size, math.ceil(hit_tokens / self.chunk_size)
-        for key in chain[first:last]:  # hold them until the workers copied them out
-            self.index.pin(key)
-            self.index.touch(key)
-            state.pinned.append(key)
+            self._in_flight[OpKind.LOAD] > 0 and any(self._will_compute(req_id) for req_id in self._running))
+        first, last = num_computed_tokens // self.chunk_size, math.ceil(decision.hit_tokens / self.chunk_size)
+        loaded = decision.entries[first:last]
+        for entry in loaded:  # held until the load is planned (it then holds its own pins) or given up
+            self.index.pin(entry)
+            self.index.touch(entry)
+        state.pinned = list(loaded)
+        state.hit = (num_computed_tokens, decision.hit_tokens, loaded)
         return need, state.load_async
 
     def _fits_this_step(self, first_token: int, end_token: int) -> bool:
@@ -226,22 +314,20 @@ class OffloadScheduler:
             return True
         return request.num_computed_tokens + 1 < request.num_prompt_tokens + max_tokens
 
-    def _loadable(self, key: bytes) -> Entry | None:
-        """The chunk's entry if a load may be planned from it: READY, or STORING (see the module docstring)."""
-        entry = self.index.get(key)
-        return entry if entry is not None and entry.state is not SlotState.PREFETCHING else None
-
-    def _leading_loadable(self, chain: list[bytes]) -> int:
-        count = 0
+    def _leading_loadable(self, chain: list[bytes]) -> tuple[Entry, ...]:
+        """The entries of the chain's leading chunks that a load may be planned from: READY, or STORING (see
+        the module docstring)."""
+        entries = []
         for key in chain:
-            if self._loadable(key) is None:
+            entry = self.index.get(key)
+            if entry is None or entry.state is SlotState.PREFETCHING:
                 break
-            count += 1
-        return count
+            entries.append(entry)
+        return tuple(entries)
 
-    def _in_flight(self, key: bytes) -> bool:
-        entry = self.index.get(key)
-        return entry is not None and entry.state is SlotState.PREFETCHING
+    @staticmethod
+    def _prefetching(entry: Entry) -> bool:
+        return entry.indexed and entry.state is SlotState.PREFETCHING
 
     def _awaiting_persistent(self) -> bool:
         """True while the disk/remote index cannot be opened yet: the lookup must wait for it.
@@ -264,8 +350,8 @@ class OffloadScheduler:
                            PREFETCH_TIMEOUT_S)
         return False
 
-    def _start_prefetch(self, state: _Request, chain: list[bytes], first: int) -> bool:
-        """Read the chunks after the host-pool hit from disk/remote; True if the request must wait.
+    def _start_prefetch(self, state: _Request, have: list[Entry]) -> bool:
+        """Read the chunks after the host-pool hit ``have`` from disk/remote; True if the request must wait.
 
         The request pins its ready prefix and the slots it prefetches into until its next lookup: with a
         pool smaller than what the waiting requests prefetch, their allocations would otherwise evict each
@@ -276,10 +362,11 @@ class OffloadScheduler:
         now = time.monotonic()
         if not state.prefetch_deadline:
             state.prefetch_deadline = now + PREFETCH_ROOM_WAIT_S
-        for key in chain[:first]:  # our own allocations below must not evict the prefix we already have
-            self.index.pin(key)
-            state.pinned.append(key)
-        candidates = chain[first:]
+        for entry in have:  # our own allocations below must not evict the prefix we already have
+            self.index.pin(entry)
+            state.pinned.append(entry)
+        first = len(have)
+        candidates = state.chain[first:]
         if state.present_end is None:  # retries reuse the answer: a Redis round trip per step would add up
             state.present_end = first + self.persistent.count_leading(candidates)
         present = max(state.present_end - first, 0)
@@ -287,21 +374,21 @@ class OffloadScheduler:
         for position, key in enumerate(candidates[:present]):
             entry = self.index.get(key)
             if entry is not None:
-                if entry.state is SlotState.PREFETCHING:
-                    state.waiting.add(key)
+                if self._prefetching(entry):
+                    state.waiting.add(entry)
                 continue
             index = first + position
             num_pages = self.pages_per_chunk if index < len(state.prompt_keys) else math.ceil(
                 (state.request.num_prompt_tokens - index * self.chunk_size) / self.block_size)
-            entry = self.index.allocate(key, num_pages, SlotState.PREFETCHING)
+            entry = self.index.prepare(key, num_pages, SlotState.PREFETCHING)
             if entry is None:
                 short = present - position
                 break
-            self.index.pin(key)
-            state.pinned.append(key)
-            self._prefetches.append(Prefetch(key=key, slot=entry.slot, num_pages=num_pages))
-            self._inflight += 1
-            state.waiting.add(key)
+            self.index.pin(entry)
+            state.pinned.append(entry)
+            self._prefetches.append(Prefetch(op=self._start(OpKind.PREFETCH, entry), key=key, slot=entry.slot,
+                                             num_pages=num_pages))
+            state.waiting.add(entry)
         # Retry on a later lookup only while other requests hold slots that their loads will free.
         state.prefetch_open = (short > 0 and now < state.prefetch_deadline
                                and len(state.pinned) < self.index.num_slots)
@@ -323,33 +410,43 @@ class OffloadScheduler:
         if num_external_tokens == 0 or state.hit is None:
             self._release(state)
             return
-        first_token, end_token = state.hit
+        first_token, end_token, entries = state.hit
         state.hit = None
         block_ids = blocks.get_block_ids()[0]
-        chain = state.prompt_keys + ([state.tail_key] if state.tail_key else [])
         first_block, end_block = first_token // self.block_size, math.ceil(end_token / self.block_size)
+        first_chunk = first_block // self.pages_per_chunk
         copies: list[ChunkCopy] = []
-        for chunk in range(first_block // self.pages_per_chunk, math.ceil(end_block / self.pages_per_chunk)):
-            entry = self._loadable(chain[chunk])
-            if entry is None:  # cannot happen: pinned since the lookup; never load unproven bytes
-                raise RuntimeError(f"kvoffload: chunk {chunk} of request {request.request_id} vanished")
-            base = chunk * self.pages_per_chunk
+        state.sources = {}
+        for position, entry in enumerate(entries):
+            if entry.state is SlotState.PREFETCHING:  # pinned since the lookup, promised only READY/STORING
+                raise RuntimeError(f"kvoffload: a chunk of request {request.request_id} was promised before its "
+                                   "prefetch completed; please report this")
+            base = (first_chunk + position) * self.pages_per_chunk
             first, end = max(first_block, base) - base, min(end_block, base + self.pages_per_chunk) - base
-            held = self._held.get(chain[chunk])
-            copies.append(ChunkCopy(key=chain[chunk], slot=entry.slot, block_ids=block_ids[base + first:base + end],
-                                    first_page=first, num_pages=entry.num_pages,
+            held = self._held.get(entry.key)
+            copies.append(ChunkCopy(op=self._start(OpKind.LOAD, entry), slot=entry.slot,
+                                    block_ids=block_ids[base + first:base + end], first_page=first,
+                                    num_pages=entry.num_pages,
                                     source_block_ids=held[1][first:end] if held else None))
+            chunk_start = (first_chunk + position) * self.chunk_size
+            tokens = min(end_token, chunk_start + self.chunk_size) - max(first_token, chunk_start)
+            state.sources[entry.origin] = state.sources.get(entry.origin, 0) + tokens
+            entry.origin = HOST  # from now on these bytes are in the host pool
         self._loads.append(RequestCopies(req_id=request.request_id, chunks=copies,
                                          num_tokens=end_token - first_token, total_tokens=request.num_tokens,
                                          sync=not state.load_async))
-        self._loading += len(copies)
         if state.load_async:
             self._async_loads.add(request.request_id)
-        state.pinned = []  # the load owns the pins now; released when every worker reports it loaded
+        self._release(state)  # the loads hold their own pins now
+
+    def hit_sources(self, request: Any) -> dict[str, int]:
+        """Tokens of the load just planned for ``request`` by where they came from: ``Entry.origin`` names."""
+        state = self._requests.get(request.request_id)
+        return dict(state.sources) if state is not None else {}
 
     def _release(self, state: _Request) -> None:
-        for key in state.pinned:
-            self.index.unpin(key)
+        for entry in state.pinned:
+            self.index.unpin(entry)
         state.pinned = []
 
     # ---- per step plan ------------------------------------------------------------------------------
@@ -410,25 +507,24 @@ class OffloadScheduler:
                 state.tail_done = True
             else:
                 break
-            if self.index.get(key) is not None:
-                self.index.touch(key)
+            known = self.index.get(key)
+            if known is not None:
+                self.index.touch(known)
                 continue
             num_pages = math.ceil(num_tokens / self.block_size)
             first_block = start // self.block_size
             block_ids = state.block_ids[first_block:first_block + num_pages]
             if len(block_ids) < num_pages:
                 break
-            entry = self.index.allocate(key, num_pages, SlotState.STORING)
+            entry = self.index.prepare(key, num_pages, SlotState.STORING)
             if entry is None:  # every slot is busy being loaded, stored or written out
                 self.stats.add("skipped_stores", 1)
                 continue
-            if persist:
-                self.index.pin(key)
-            copies.append(ChunkCopy(key=key, slot=entry.slot, block_ids=block_ids, first_page=0,
-                                    persist=persist, num_pages=num_pages))
+            copies.append(ChunkCopy(op=self._start(OpKind.STORE, entry), slot=entry.slot, block_ids=block_ids,
+                                    first_page=0, num_pages=num_pages, key=key,
+                                    persist_op=self._start(OpKind.PERSIST, entry) if persist else None))
             state.stored_blocks[key] = block_ids
             tokens += num_tokens
-            self._inflight += 1 + persist
         if copies:
             state.stored_any = True
             plan.stores.append(RequestCopies(req_id=request.request_id, chunks=copies, num_tokens=tokens,
@@ -480,70 +576,29 @@ class OffloadScheduler:
             self.persistent = PersistentLookup(
                 self.settings, storage_fingerprint(self.fingerprint, report.layout, rank=0,
                                                    world_size=self.world_size))
-        for key in self._complete(self._store_ok, None, report.stored, None):
-            self._inflight -= 1
-            self.index.mark_ready(key)
-            self.stats.add("stored_chunks", 1)
-        for key in self._complete(self._load_done, None, report.loaded, None):
-            self._loading -= 1
-            self.index.unpin(key)
-            self.stats.add("loaded_chunks", 1)
-        self._persist_ok.update(report.persisted_ok)
-        for key in self._complete(self._persist_done, None, report.persisted, None):
-            self._inflight -= 1
-            self.index.unpin(key)
-            persisted = self._persist_ok.pop(key, 0) >= self.world_size
-            self.stats.add("persisted_chunks" if persisted else "persist_failures", 1)
-            if persisted and self.persistent is not None:
-                self.persistent.add(key)
-            if not self.settings.local_cpu:
-                self.index.drop(key)
-        for key in self._complete(self._prefetch_ok, self._prefetch_bad, report.prefetched, report.prefetch_failed):
-            self._inflight -= 1
-            if key in self._prefetch_bad:
-                self._prefetch_bad.pop(key)
-                for state in self._requests.values():  # the waiting requests' pins go first, so that a later
-                    if key in state.waiting and key in state.pinned:  # entry of this key keeps its own pins
-                        state.pinned.remove(key)
-                        self.index.unpin(key)
-                self.index.drop(key)
-                if self.persistent is not None:
-                    self.persistent.discard(key)
-                self.stats.add("prefetch_failures", 1)
-            else:
-                self.index.mark_ready(key)
-                self.stats.add("prefetched_chunks", 1)
+        for op_id in sorted(set(report.done) | set(report.failed)):  # in planning order: a store before its persist
+            op = self._ops.get(op_id)
+            if op is None:  # a bug, but not one that can load wrong bytes: keep serving
+                logger.error("kvoffload: a worker reported operation %d, which is not in flight; please report "
+                             "this", op_id)
+                continue
+            op.done += report.done.get(op_id, 0)
+            op.failed += report.failed.get(op_id, 0)
+            op.source = report.sources.get(op_id, op.source)
+            if op.done + op.failed >= self.world_size:
+                del self._ops[op_id]
+                self._complete(op)
         if self.persistent is not None:
             for key in report.removed:
                 self.persistent.discard(key)
-
-    def _complete(self, ok: Counter, bad: Counter | None, new_ok: Counter, new_bad: Counter | None) -> list[bytes]:
-        """Keys for which every worker has now reported (success or failure); counters keep the rest.
-
-        A key comes back once per completed operation: the same chunk loaded for two requests in one step
-        is reported twice by every worker and completes twice (each load holds its own pin).
-        """
-        ok.update(new_ok)
-        if bad is not None and new_bad:
-            bad.update(new_bad)
-        candidates = set(new_ok) | set(new_bad or ())
-        finished = []
-        for key in candidates:
-            total = ok.get(key, 0) + (bad.get(key, 0) if bad is not None else 0)
-            times, rest = divmod(total, self.world_size)
-            finished.extend([key] * times)
-            if times and rest:
-                ok[key] = rest
-            elif times:
-                ok.pop(key, None)
-        return finished
 
     def _wants_persistence(self) -> bool:
         return self.fingerprint.identified and (self.settings.local_disk is not None
                                                 or self.settings.remote_url is not None)
 
     def has_pending_work(self) -> bool:
-        return self._inflight > 0 or bool(self._loads or self._prefetches)
+        """Stores, write-outs or prefetches not yet reported by every worker (loads belong to running requests)."""
+        return len(self._ops) > self._in_flight[OpKind.LOAD] or bool(self._loads or self._prefetches)
 
     def reset_cache(self) -> bool:
         self.index.clear_idle()

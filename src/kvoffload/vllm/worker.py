@@ -11,7 +11,7 @@ ends of the persistent tiers. Each step it
    layer by layer as the forward finishes each layer (``save_kv_layer``) where the copy path can, so they
    are over soon after the forward ends, and whatever is left after the forward (``wait_for_save``),
 4. polls what finished and reports it (``get_finished`` / ``build_connector_worker_meta``): a request
-   whose load finished is handed back to vLLM (``finished_recving``), stored chunks marked ``persist``
+   whose load finished is handed back to vLLM (``finished_recving``), stored chunks with a ``persist_op``
    are handed to the tier writers, and a finished request's blocks are released (``finished_sending``)
    only once every copy out of them completed.
 """
@@ -39,7 +39,7 @@ from kvoffload.transfer.base import LayeredStore
 from kvoffload.transfer.layout import paged_kv
 from kvoffload.vllm.identity import check_supported, pages_per_chunk, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
-from kvoffload.vllm.plan import RequestCopies, StepPlan, WorkerReport
+from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
 
 logger = logging.getLogger("kvoffload")
@@ -81,7 +81,7 @@ class OffloadWorker:
         self.tiers: list[ChunkTier] = []
         self.writers: list[Any] = []
         self._prefetcher: ThreadPoolExecutor | None = None
-        self._results: queue.SimpleQueue = queue.SimpleQueue()  # (kind, key, ok) from background threads
+        self._results: queue.SimpleQueue = queue.SimpleQueue()  # (op, ok, source tier) from background threads
         self._stores: list[_Batch] = []
         self._loads: list[_Batch] = []
         self._requests: dict[str, _RequestStores] = {}
@@ -195,7 +195,7 @@ class OffloadWorker:
                 self._loads.append(self._issue([copies], self._copy_path().load))
         for prefetch in plan.prefetches:
             assert self._prefetcher is not None
-            self._prefetcher.submit(self._prefetch, prefetch.key, prefetch.slot, prefetch.num_pages)
+            self._prefetcher.submit(self._prefetch, prefetch)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Called by the forward before each layer's attention: order the *next* layer's load before it, so
@@ -271,17 +271,19 @@ class OffloadWorker:
         return _Batch(fence=fence, copies=copies, nbytes=len(block_ids) * page_bytes, started=started,
                       device_bytes=on_device * page_bytes)
 
-    def _prefetch(self, key: bytes, slot: int, num_pages: int) -> None:
+    def _prefetch(self, prefetch: Prefetch) -> None:
+        """Read a chunk into its slot from the first tier that has it whole and verified (a thread of its own)."""
         assert self.pool is not None
-        ok = False
+        source = None
         try:
             for tier in self.tiers:
-                if self.pool.fill(slot, num_pages, lambda out, tier=tier: tier.get_into(key, out)):
-                    ok = True
+                if self.pool.fill(prefetch.slot, prefetch.num_pages,
+                                  lambda out, tier=tier: tier.get_into(prefetch.key, out)):
+                    source = tier.name
                     break
         except Exception as exc:  # a tier bug must not kill the engine: the request recomputes
             logger.warning("kvoffload: prefetch of a chunk failed (%s); recomputing it", exc)
-        self._results.put(("prefetch", key, ok))
+        self._results.put((prefetch.op, source is not None, source))
 
     # ---- completion ---------------------------------------------------------------------------------
 
@@ -328,7 +330,7 @@ class OffloadWorker:
                 if not batch.sync:
                     finished.add(copies.req_id)
                 for chunk in copies.chunks:
-                    self._report.loaded[chunk.key] += 1
+                    self._report.done[chunk.op] += 1
             total_tokens = sum(c.num_tokens for c in batch.copies)
             for copies in batch.copies:
                 share = copies.num_tokens / total_tokens if total_tokens else 0
@@ -353,13 +355,16 @@ class OffloadWorker:
                     record.nbytes += batch.nbytes * pages // pages_total
                     record.seconds += seconds * pages / pages_total
                 for chunk in copies.chunks:
-                    self._report.stored[chunk.key] += 1
-                    if chunk.persist:
-                        self._persist(chunk.key, chunk.slot, chunk.num_pages)
+                    self._report.done[chunk.op] += 1
+                    if chunk.persist_op is not None:
+                        self._persist(chunk)
 
-    def _persist(self, key: bytes, slot: int, num_pages: int) -> None:
-        assert self.pool is not None
-        payload = self.pool.payload(slot, num_pages)
+    def _persist(self, chunk: ChunkCopy) -> None:
+        """Hand a stored chunk to every tier's writer; its write-out is done (ok if any tier stored it) when the
+        last writer called back."""
+        assert self.pool is not None and chunk.persist_op is not None
+        op = chunk.persist_op
+        payload = self.pool.payload(chunk.slot, chunk.num_pages)
         outcomes: list[PutResult] = []
         lock = threading.Lock()  # writers of two tiers may finish at once: report the chunk exactly once
 
@@ -368,23 +373,20 @@ class OffloadWorker:
                 outcomes.append(result)
                 last = len(outcomes) == len(self.writers)
             if last:
-                self._results.put(("persist", key, PutResult.STORED in outcomes))
+                self._results.put((op, PutResult.STORED in outcomes, None))
 
         for writer in self.writers:
-            writer.submit(key, payload, done)
+            writer.submit(chunk.key, payload, done)
 
     def _drain_results(self) -> None:
         while True:
             try:
-                kind, key, ok = self._results.get_nowait()
+                op, ok, source = self._results.get_nowait()
             except queue.Empty:
                 break
-            if kind == "prefetch":
-                (self._report.prefetched if ok else self._report.prefetch_failed)[key] += 1
-            else:
-                self._report.persisted[key] += 1
-                if ok:
-                    self._report.persisted_ok[key] += 1
+            (self._report.done if ok else self._report.failed)[op] += 1
+            if source is not None:
+                self._report.sources[op] = source
         for tier in self.tiers:
             self._report.removed.update(tier.drain_removed())
 
