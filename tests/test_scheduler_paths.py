@@ -146,3 +146,67 @@ def test_disk_listing_runs_beside_the_step_loop(tmp_path: Path, monkeypatch: pyt
     assert lookup.ready
     assert lookup.count_leading([b"a" * 32, b"b" * 32]) == 1
     lookup.close()
+
+
+def test_hit_sources_name_the_tier_each_loaded_token_came_from(tmp_path: Path) -> None:
+    """vLLM 0.32's ``vllm:prompt_tokens_cached_by_source`` is fed by the connector: a prefix prefetched from the
+    disk tier counts as disk for the load that brought it, and as the host pool for every later load."""
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    from kvoffload.vllm import compat
+
+    engine = TPEngine(world_size=1, local_disk=str(tmp_path), max_local_disk_size=0.01)
+    engine.step()  # the workers' layout arrives: stores planned from now on are written to disk
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    store_prompt(engine, a, a_blocks)
+    engine.scheduler.request_finished(a, a_blocks)
+    engine.step(finished={"a"})
+    wait_idle(engine)
+    assert engine.scheduler.reset_cache()  # the host pool forgets it: only the disk tier has the prefix
+    need = len(PROMPT) - 1
+
+    def lookup(req: Request, first_block: int) -> dict:
+        for _ in range(500):
+            answer, _ = engine.scheduler.get_num_new_matched_tokens(req, 0)
+            if answer is not None:
+                break
+            engine.step()
+            threading.Event().wait(0.01)
+        assert answer == need
+        engine.load_into(req, list(range(first_block, first_block + PROMPT_BLOCKS)), need)
+        return engine.scheduler.hit_sources(req)
+
+    assert lookup(Request("b", PROMPT), 20) == {"disk": need}
+    assert lookup(Request("c", PROMPT), 40) == {"host": need}
+    assert compat.hit_sources({"disk": 3, "host": 5, "redis": 2}) == {
+        CacheHitSource.DISK: 3, CacheHitSource.HOST: 5, CacheHitSource.EXTERNAL_UNSPECIFIED: 2}
+    engine.shutdown()
+
+
+def test_models_kvoffload_cannot_offload_are_refused_with_the_reason() -> None:
+    """A state-space model (vLLM's ``MambaSpec``; here Mamba-2's shapes) died with an AttributeError in the model
+    fingerprint; several KV cache groups and pipeline parallelism were refused by one side only. Both sides now
+    refuse each at start, saying why and that the model runs without the connector."""
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    from kvoffload.errors import KVOffloadError, UnsupportedModel
+    from kvoffload.vllm.scheduler import OffloadScheduler
+
+    settings = load_settings({"chunk_size": CHUNK}, environ={})
+    mamba = SimpleNamespace(num_blocks=8, kv_cache_groups=[SimpleNamespace(
+        layer_names=["l0"], kv_cache_spec=MambaSpec(block_size=4096, shapes=((3, 160), (8, 16, 16)),
+                                                    dtypes=(torch.bfloat16, torch.float32)))])
+    two_groups = kv_cache_config()
+    two_groups.kv_cache_groups = two_groups.kv_cache_groups * 2
+    pipeline = vllm_config(1)
+    pipeline.parallel_config.pipeline_parallel_size = 2
+    for config, kv_config, reason in ((vllm_config(1), mamba, "Mamba/linear-attention state"),
+                                      (vllm_config(1), two_groups, "one KV cache group, this one has 2"),
+                                      (pipeline, kv_cache_config(), "pipeline parallelism")):
+        for side in (OffloadScheduler, OffloadWorker):
+            with pytest.raises(UnsupportedModel, match=reason) as refused:
+                side(config, kv_config, settings)
+            assert isinstance(refused.value, KVOffloadError) and "without --kv-transfer-config" in str(refused.value)

@@ -183,6 +183,9 @@ def test_restart_loads_a_whole_single_prompt_from_disk(single_prompt_restarts: d
     assert_same_greedy(b.rounds[0], a, what="outputs served from the disk tier differ from the first engine's")
     assert tier_summary(b, "disk")["read"] == 6
     assert b.metrics["kvoffload:prefetched_chunks_total"] == 6
+    # vLLM's own per-source metric says where the loaded tokens came from: all of them from the disk tier
+    assert b.metrics.get("vllm:prompt_tokens_cached_by_source{source=disk}") == len(RESTART_PROMPT) - 1, b.metrics
+    assert not b.metrics.get("vllm:prompt_tokens_cached_by_source{source=host}")
 
 
 def test_restart_with_a_pool_smaller_than_the_prefix_on_disk(single_prompt_restarts: dict) -> None:

@@ -56,6 +56,9 @@ def main() -> None:
     for metric in llm.get_metrics():
         if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):
             metrics[metric.name] = getattr(metric, "value", None)
+        elif metric.name == "vllm:prompt_tokens_cached_by_source":  # one sample per source: keyed by it
+            name = f"{metric.name}{{source={metric.labels.get('source')}}}"
+            metrics[name] = metrics.get(name, 0) + metric.value
     # vLLM's reader only returns vllm:* metrics; the connector's own are read from the registry
     from prometheus_client import REGISTRY
     for family in REGISTRY.collect():
