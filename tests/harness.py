@@ -40,8 +40,10 @@ PROMPT = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a 10-tok
 PROMPT_BLOCKS = -(-len(PROMPT) // BLOCK)
 
 
-def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: bool = True) -> Any:
+def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: bool = True,
+                kv_events: bool = False) -> Any:
     return SimpleNamespace(
+        kv_events_config=SimpleNamespace(enable_kv_cache_events=kv_events),
         parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
                                         pipeline_parallel_size=1),
         scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
@@ -67,6 +69,13 @@ class Request:
     mm_features: list = field(default_factory=list)
     max_tokens: int | None = None  # None: as if vLLM's scheduler state were unknown (always computing)
     num_computed_tokens: int = 0
+
+    @property
+    def block_hashes(self) -> list[bytes]:
+        """Stand-ins for vLLM's hashes of the whole blocks: one per block, chained on the tokens before."""
+        import hashlib
+        whole = len(self.prompt_token_ids) // BLOCK
+        return [hashlib.sha256(repr(self.prompt_token_ids[:(i + 1) * BLOCK]).encode()).digest() for i in range(whole)]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -133,11 +142,12 @@ class GatedFence(Fence):
 class TPEngine:
     """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
 
-    def __init__(self, world_size: int = 2, device: str = "cpu", async_scheduling: bool = True, **extra: Any) -> None:
+    def __init__(self, world_size: int = 2, device: str = "cpu", async_scheduling: bool = True,
+                 kv_events: bool = False, **extra: Any) -> None:
         """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path)."""
         settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
                                   / 1e9, **extra}, environ={})
-        config, kv_config = vllm_config(world_size, device, async_scheduling), kv_cache_config()
+        config, kv_config = vllm_config(world_size, device, async_scheduling, kv_events), kv_cache_config()
         self.scheduler = OffloadScheduler(config, kv_config, settings)
         self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
         self.caches: list[torch.Tensor] = []

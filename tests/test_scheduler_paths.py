@@ -210,3 +210,43 @@ def test_models_kvoffload_cannot_offload_are_refused_with_the_reason() -> None:
             with pytest.raises(UnsupportedModel, match=reason) as refused:
                 side(config, kv_config, settings)
             assert isinstance(refused.value, KVOffloadError) and "without --kv-transfer-config" in str(refused.value)
+
+
+def test_kv_events_announce_each_medium_with_vllm_block_hashes(tmp_path: Path) -> None:
+    """Routers match vLLM's block hashes: a stored chunk is announced as its whole blocks' hashes, on CPU once
+    every rank stored it and on STORAGE once written out; an eviction from the pool removes it from CPU only."""
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+    engine = TPEngine(world_size=1, kv_events=True, local_disk=str(tmp_path), max_local_disk_size=0.01)
+    engine.step()
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    store_prompt(engine, a, a_blocks)
+    engine.scheduler.request_finished(a, a_blocks)
+    engine.step(finished={"a"})
+    wait_idle(engine)
+    events = engine.scheduler.take_events()
+    stored = {e.medium: [] for e in events}
+    for event in events:
+        assert isinstance(event, BlockStored) and event.block_size == 16
+        stored[event.medium].extend(event.block_hashes)
+    from kvoffload.vllm.compat import external_block_hash
+
+    # 6 whole blocks, as vLLM's events carry them; the tail's partial 7th block has no hash and is not announced
+    hashes = [external_block_hash(h) for h in a.block_hashes]
+    assert stored == {"CPU": hashes, "STORAGE": hashes}
+    first = next(e for e in events if e.medium == "CPU")
+    assert first.parent_block_hash is None and first.token_ids == PROMPT[:CHUNK]
+    second = [e for e in events if e.medium == "CPU"][1]
+    assert second.parent_block_hash == hashes[1] and second.token_ids == PROMPT[CHUNK:2 * CHUNK]
+    assert engine.scheduler.take_events() == []
+    engine.scheduler.reset_cache()  # the pool forgets them; the disk tier still has them
+    removed = engine.scheduler.take_events()
+    assert all(isinstance(e, BlockRemoved) and e.medium == "CPU" for e in removed)
+    assert [h for e in removed for h in e.block_hashes] == hashes
+    engine.shutdown()
+    quiet = TPEngine(world_size=1)  # events off (vLLM's default): nothing is kept or emitted
+    store_prompt(quiet, Request("a", PROMPT), a_blocks)
+    wait_idle(quiet)
+    assert quiet.scheduler.take_events() == [] and quiet.scheduler.events._chunks == {}
+    quiet.shutdown()

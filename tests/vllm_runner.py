@@ -7,7 +7,9 @@ state) and read the last stdout line. Spec (JSON in argv[1], or ``@FILE`` naming
     are reported in prompt order), max_tokens, connector (null | "plugin" |
     "module" | a module path holding a test connector), extra_config, engine (extra LLM kwargs),
     between_rounds (shell commands, one per gap between rounds, null to skip one: run after round i
-    finished, before round i + 1 starts; a failing command fails the run)
+    finished, before round i + 1 starts; a failing command fails the run), kv_events_endpoint (publish KV
+    cache events by ZMQ there), linger_s (seconds to keep the engine stepping after the last round, so that
+    background write-outs complete and are reported)
 
 Output: ``{"rounds": [[token ids per prompt], ...], "margins": [[top-2 logprob margin per token, per prompt],
 ...], "metrics": {name: value}}``. The margins let tests tell a near-tie from a real difference
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 
 def main() -> None:
@@ -38,6 +41,10 @@ def main() -> None:
             transfer["kv_connector_module_path"] = (
                 "kvoffload.vllm.connector" if connector == "module" else connector)
         engine["kv_transfer_config"] = KVTransferConfig(**transfer)
+    if spec.get("kv_events_endpoint"):
+        from vllm.config import KVEventsConfig
+        engine["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                    endpoint=spec["kv_events_endpoint"])
     llm = LLM(**engine)
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0, ignore_eos=True, logprobs=2)
@@ -52,6 +59,7 @@ def main() -> None:
         rounds.append([list(by_prompt[i].outputs[0].token_ids) for i in sorted(by_prompt)])
         texts.append([by_prompt[i].outputs[0].text for i in sorted(by_prompt)])
         margins.append([top2_margins(by_prompt[i].outputs[0].logprobs) for i in sorted(by_prompt)])
+    time.sleep(spec.get("linger_s", 0))
     metrics = {}
     for metric in llm.get_metrics():
         if metric.name.startswith(("kvoffload", "vllm:external_prefix_cache")):

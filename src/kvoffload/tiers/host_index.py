@@ -20,6 +20,7 @@ bytes" and "LRU by slots" are the same thing, and the pool can never exceed its 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -48,8 +49,10 @@ class Entry:
 
 
 class HostIndex:
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, on_remove: Callable[[Entry], None] | None = None) -> None:
+        """``on_remove``: called for every READY chunk that leaves the index (evicted, dropped, cleared)."""
         self.num_slots = num_slots
+        self._on_remove = on_remove
         self._free = list(range(num_slots - 1, -1, -1))
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()  # least recently used first
         self.evictions = 0
@@ -102,6 +105,8 @@ class HostIndex:
             del self._entries[entry.key]
             if entry.pins == 0:
                 self._free.append(entry.slot)
+            if entry.state is SlotState.READY and self._on_remove is not None:
+                self._on_remove(entry)
 
     def pin(self, entry: Entry) -> None:
         entry.pins += 1

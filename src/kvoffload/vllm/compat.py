@@ -15,6 +15,8 @@ import dataclasses
 from typing import Any
 
 import vllm
+from vllm.distributed.kv_events import BlockRemoved, BlockStored
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 
@@ -81,3 +83,23 @@ def hit_sources(tokens_by_origin: dict[str, int]) -> dict[Any, int]:
         if tokens:
             out[source] = out.get(source, 0) + tokens
     return out
+
+
+def external_block_hash(block_hash: bytes) -> Any:
+    """A block hash as vLLM's KV events carry it (bytes, or an int with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``)."""
+    return maybe_convert_block_hash(block_hash)
+
+
+def _event(cls: type, fields: dict[str, Any]) -> Any:
+    """``cls(**fields)`` with only the fields this release's event has: releases add fields (``lora_name``,
+    ``group_idx`` ...), and a router reads what its vLLM sends."""
+    have = set(cls.__struct_fields__)
+    return cls(**{name: value for name, value in fields.items() if name in have})
+
+
+def block_stored(**fields: Any) -> Any:
+    return _event(BlockStored, fields)
+
+
+def block_removed(**fields: Any) -> Any:
+    return _event(BlockRemoved, fields)

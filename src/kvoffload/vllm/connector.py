@@ -78,6 +78,11 @@ class KVOffloadConnector(KVConnectorBase_V1):
             return {}
         return compat.hit_sources(self._scheduler.hit_sources(request))
 
+    def take_events(self) -> list[Any]:
+        """BlockStored/BlockRemoved of the chunks in the host pool (CPU) and the persistent tiers (STORAGE),
+        published by vLLM with its own when ``--kv-events-config`` enables them."""
+        return self._scheduler.take_events() if self._scheduler is not None else []
+
     def has_pending_push_work(self) -> bool:
         return self._scheduler is not None and self._scheduler.has_pending_work()
 

@@ -58,6 +58,8 @@ from typing import Any
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
 from kvoffload.tiers.host_index import HOST, Entry, HostIndex, SlotState
+from kvoffload.vllm import events
+from kvoffload.vllm.events import ChunkEvents
 from kvoffload.vllm.identity import (
     adapter_digest,
     check_supported,
@@ -152,7 +154,8 @@ class OffloadScheduler:
         self.slot_bytes = len(group.layer_names) * self.pages_per_chunk * spec.page_size_bytes
         num_slots = slots_per_worker(settings, self.world_size, self.slot_bytes)
         self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
-        self.index = HostIndex(num_slots)
+        self.events = ChunkEvents(vllm_config, self.block_size)
+        self.index = HostIndex(num_slots, on_remove=lambda entry: self.events.removed(entry.key, events.CPU))
         self.persistent: PersistentLookup | None = None
         self._persistent_deadline: float | None = None  # see _awaiting_persistent
         self._persistent_gave_up = False
@@ -194,12 +197,14 @@ class OffloadScheduler:
         if op.kind is OpKind.STORE:
             self.index.complete(entry, ok)
             self.stats.add("stored_chunks", 1)
+            self.events.stored(entry.key, events.CPU)
         elif op.kind is OpKind.LOAD:
             self.stats.add("loaded_chunks", 1)
         elif op.kind is OpKind.PERSIST:
             self.stats.add("persisted_chunks" if ok else "persist_failures", 1)
             if ok and self.persistent is not None:
                 self.persistent.add(entry.key)
+                self.events.stored(entry.key, events.STORAGE)
             if not self.settings.local_cpu:
                 self.index.drop(entry)  # freed once no load reads it any more
         else:
@@ -207,7 +212,12 @@ class OffloadScheduler:
                 entry.origin = op.source or HOST
             elif self.persistent is not None:
                 self.persistent.discard(entry.key)
+                self.events.removed(entry.key, events.STORAGE)
             self.index.complete(entry, ok)
+            if ok:
+                self.events.stored(entry.key, events.CPU)
+            else:
+                self.events.forget(entry.key)
             self.stats.add("prefetched_chunks" if ok else "prefetch_failures", 1)
         self.index.unpin(entry)
 
@@ -384,6 +394,8 @@ class OffloadScheduler:
             if entry is None:
                 short = present - position
                 break
+            self.events.describe(key, state.request, index * self.chunk_size,
+                                 min(self.chunk_size, state.request.num_prompt_tokens - index * self.chunk_size))
             self.index.pin(entry)
             state.pinned.append(entry)
             self._prefetches.append(Prefetch(op=self._start(OpKind.PREFETCH, entry), key=key, slot=entry.slot,
@@ -520,6 +532,7 @@ class OffloadScheduler:
             if entry is None:  # every slot is busy being loaded, stored or written out
                 self.stats.add("skipped_stores", 1)
                 continue
+            self.events.describe(key, request, start, num_tokens)
             copies.append(ChunkCopy(op=self._start(OpKind.STORE, entry), slot=entry.slot, block_ids=block_ids,
                                     first_page=0, num_pages=num_pages, key=key,
                                     persist_op=self._start(OpKind.PERSIST, entry) if persist else None))
@@ -591,10 +604,15 @@ class OffloadScheduler:
         if self.persistent is not None:
             for key in report.removed:
                 self.persistent.discard(key)
+                self.events.removed(key, events.STORAGE)
 
     def _wants_persistence(self) -> bool:
         return self.fingerprint.identified and (self.settings.local_disk is not None
                                                 or self.settings.remote_url is not None)
+
+    def take_events(self) -> list[Any]:
+        """KV cache events since the last call (``kvoffload.vllm.events``), for vLLM to publish."""
+        return self.events.take()
 
     def has_pending_work(self) -> bool:
         """Stores, write-outs or prefetches not yet reported by every worker (loads belong to running requests)."""
