@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
-zmq = pytest.importorskip("zmq")
-msgspec = pytest.importorskip("msgspec")
 
 from vllm.distributed.kv_events import BlockStored, KVEventBatch  # noqa: E402
 
+from examples.kv_events_subscriber import kv_events  # noqa: E402
 from tests.conftest import run_engine  # noqa: E402
 
 PROMPT = [(i * 13) % 9000 + 40 for i in range(1300)]  # longer than max_num_batched_tokens (512): 3 prefill steps
@@ -31,22 +30,14 @@ def _free_port() -> int:
 
 
 class Subscriber(threading.Thread):
-    """What a router does: subscribe to the engine's endpoint and decode every event batch."""
+    """A router's view: the events examples/kv_events_subscriber.py reads, collected on a thread."""
 
     def __init__(self, endpoint: str) -> None:
         super().__init__(daemon=True)
         self.endpoint, self.events, self.stop = endpoint, [], threading.Event()
 
     def run(self) -> None:
-        sub = zmq.Context.instance().socket(zmq.SUB)
-        sub.connect(self.endpoint)  # before the engine binds it: ZMQ connects when it appears
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        while not self.stop.is_set():
-            if sub.poll(100):
-                _topic, _seq, payload = sub.recv_multipart()
-                self.events.extend(decoder.decode(payload).events)
-        sub.close()
+        self.events.extend(kv_events(self.endpoint, self.stop))
 
 
 def test_router_sees_offloaded_chunks_under_vllm_block_hashes(tiny_model: str, tmp_path: Path) -> None:

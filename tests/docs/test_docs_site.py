@@ -92,13 +92,15 @@ def test_example_config_files_are_valid():
     assert tiers.local_disk and tiers.max_local_disk_size > 0 and tiers.remote_url.startswith("redis://")
 
 
-def test_production_stack_values(monkeypatch):
-    """The Helm values file parses, enables kvoffload, and its settings pass kvoffload's validation on the node
-    it asks for (the pool is checked against the host's memory: here, the pod's requestMemory)."""
+@pytest.mark.parametrize("name", ["values-kvoffload.yaml", "values-kvoffload-shared.yaml"])
+def test_production_stack_values(monkeypatch, name):
+    """Each Helm values file parses, enables kvoffload, and its settings pass kvoffload's validation on the node
+    it asks for (the pool is checked against the host's memory: here, the pod's requestMemory). The shared one
+    points every replica at one Valkey server and publishes KV events."""
     from kvoffload import config
     from kvoffload.config import load_settings
 
-    values = yaml.safe_load((ROOT / "examples" / "production-stack" / "values-kvoffload.yaml").read_text())
+    values = yaml.safe_load((ROOT / "examples" / "production-stack" / name).read_text())
     specs = values["servingEngineSpec"]["modelSpec"]
     assert len(specs) == 1
     spec = specs[0]
@@ -118,6 +120,10 @@ def test_production_stack_values(monkeypatch):
     assert settings.max_local_cpu_size == float(env["KVOFFLOAD_MAX_LOCAL_CPU_SIZE"])
     request_gib = float(spec["requestMemory"].removesuffix("Gi"))
     assert request_gib * 2**30 > settings.cpu_pool_bytes, "requestMemory must cover the CPU pool"
+    if name.endswith("-shared.yaml"):
+        assert spec["replicaCount"] > 1 and settings.remote_url.startswith("valkey://")
+        events = json.loads(args[args.index("--kv-events-config") + 1])
+        assert events["enable_kv_cache_events"] and events["publisher"] == "zmq"
 
 
 def _plot(results: Path, out: Path) -> subprocess.CompletedProcess:
