@@ -110,7 +110,7 @@ def _remote(url: str, password: str | None) -> Iterator[redis.Redis]:
     """A client for ``url``; any server failure inside becomes a one-line error with the password masked."""
     import redis  # only when a remote tier is asked for: it is an optional dependency
 
-    from kvoffload.tiers.redis_tier import connect
+    from kvoffload.tiers.redis_node import connect
 
     client = connect(url, password, _REMOTE_TIMEOUT)
     try:
