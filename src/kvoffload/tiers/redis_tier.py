@@ -284,8 +284,12 @@ def list_keys(client: redis.Redis) -> list[RemoteEntry]:
 
 
 def clear(client: redis.Redis) -> int:
-    """Delete every kvoffload chunk on the server (other keys are left alone); returns how many."""
+    """Delete every kvoffload chunk on the server, or on one master of a cluster (other keys are left
+    alone); returns how many."""
     removed = 0
     for batch in _batches(_names(client)):
-        removed += client.unlink(*batch)
+        pipe = client.pipeline(transaction=False)
+        for name in batch:  # one key per command: a cluster master refuses keys of several slots in one
+            pipe.unlink(name)
+        removed += sum(pipe.execute())
     return removed
