@@ -16,7 +16,7 @@ import pytest
 
 from tests.tiny_model import write_tiny_model
 
-pytest_plugins = ["tests.redis_server"]
+pytest_plugins = ["tests.redis_server", "tests.redis_cluster"]
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

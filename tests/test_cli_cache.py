@@ -11,6 +11,7 @@ import redis
 
 from kvoffload.tiers.disk import HEADER_SIZE, DiskTier
 from kvoffload.tiers.redis_tier import RedisTier
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,18 @@ def test_remote_ls_and_clear(redis_server: RedisServer) -> None:
     result = run_cli("clear", "--yes", env={"KVOFFLOAD_REMOTE_URL": redis_server.url})
     assert result.returncode == 0 and "removed 2 chunks" in result.stdout
     assert raw.keys() == [b"unrelated"]
+
+
+def test_remote_ls_and_clear_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    tier = RedisTier(redis_cluster.url, FP, None, 1.0, None)
+    tier.put_many([(i.to_bytes(32, "big"), memoryview(bytes([i]) * CHUNK)) for i in range(12)])
+    tier.close()
+    result = run_cli("ls", "--remote", redis_cluster.url)
+    assert result.returncode == 0, result.stderr
+    assert any(line.split()[:2] == [FP.hex()[:16], "12"] for line in result.stdout.splitlines()[1:])
+    result = run_cli("clear", "--yes", "--remote", redis_cluster.url)
+    assert result.returncode == 0 and "removed 12 chunks" in result.stdout
+    assert sum(redis_cluster.client(i).dbsize() for i in range(3)) == 0
 
 
 def test_remote_password_is_masked_and_unreachable_is_exit_1() -> None:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import redis
 
-from kvoffload.config import KEYS, ConfigError, load_settings
+from kvoffload.config import KEYS, ConfigError, cluster_url, load_settings
 from kvoffload.tiers.base import PutResult
 from kvoffload.tiers.redis_tier import RedisTier
 from tests.redis_server import RedisServer
@@ -235,6 +235,40 @@ def test_remote_url_database_and_query_options_are_checked(url, words) -> None:
 def test_valid_remote_urls_are_accepted_and_redis_py_reads_them(url) -> None:
     assert settings({"remote_url": url}).remote_url == url
     redis.connection.parse_url(url.replace("valkeys://", "rediss://"))  # would raise on what we let through
+
+
+@pytest.mark.parametrize("url, words", [
+    ("redis+cluster:///", ["no nodes"]),
+    ("redis+cluster://:s3cret@/", ["no nodes"]),
+    ("redis+cluster://a:7000,,b:7001/", ["node '' has no host"]),
+    ("redis+cluster://a:7000,b:x/", ["node 'b:x'", "port"]),
+    ("redis+cluster://a:70000/", ["node 'a:70000'", "port"]),
+    ("redis+cluster://a:0/", ["node 'a:0'", "port"]),
+    ("redis+cluster://:s3cret@a:7000/1", ["database '1'", "database 0 only"]),
+    ("valkey+cluster://a:7000/0?db=0", ["unknown query option 'db'", "socket_timeout"]),
+    ("redis+cluster://a:7000/?retry_on_timeout=yes", ["unknown query option 'retry_on_timeout'"]),
+    ("redis+cluster://a:7000/?ssl_cert_reqs=none", ["unknown query option 'ssl_cert_reqs'", "rediss+cluster://"]),
+    ("rediss+cluster://a:7000/?socket_timeout=-1", ["socket_timeout='-1'", "number of seconds"]),
+])
+def test_bad_cluster_urls_are_config_errors(url, words) -> None:
+    message = _error({"remote_url": url})
+    assert "'remote_url'" in message and "s3cret" not in message
+    for word in words:
+        assert word in message
+
+
+def test_cluster_url_nodes_and_node_urls() -> None:
+    url = "rediss+cluster://user:pw@a:7000,[::1]:7001,b/?ssl_cert_reqs=none&socket_timeout=0.2"
+    assert settings({"remote_url": url}).remote_password == "pw"
+    parts = cluster_url(url)
+    assert parts.nodes == (("a", 7000), ("::1", 7001), ("b", 6379))
+    node = parts.node_url("::1", 7001)
+    assert node == "rediss://user:pw@[::1]:7001/0?ssl_cert_reqs=none&socket_timeout=0.2"
+    assert settings({"remote_url": node}).remote_url == node  # each node's URL passes the one-server checks
+    for scheme in ("redis+cluster", "valkey+cluster", "valkeys+cluster"):
+        assert settings({"remote_url": f"{scheme}://h:1/"}).remote_url == f"{scheme}://h:1/"
+    with pytest.raises(ConfigError, match="remote_url 'redis\\+cluster://:\\*\\*\\*@a:1/3': database '3'"):
+        cluster_url("redis+cluster://:pw@a:1/3")
 
 
 @pytest.mark.parametrize("extra", [[1, 2], "x", 5])

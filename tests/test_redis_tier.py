@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from kvoffload.config import ConfigError, load_settings
-from kvoffload.tiers import redis_tier
+from kvoffload.tiers import redis_node, redis_tier
 from kvoffload.tiers.base import PutResult
 from kvoffload.tiers.disk import HEADER_SIZE
 from kvoffload.tiers.redis_tier import RedisTier
@@ -229,7 +229,7 @@ def test_list_keys_and_clear(tier: RedisTier, redis_server: RedisServer) -> None
 def test_tls_schemes_use_tls_and_retries_are_off() -> None:
     for url, connection_class in [("rediss://h:1/0", redis.SSLConnection), ("valkeys://h:1/0", redis.SSLConnection),
                                   ("valkey://h:1/0", redis.Connection)]:
-        pool = redis_tier.connect(url, None, 0.1).connection_pool
+        pool = redis_node.connect(url, None, 0.1).connection_pool
         assert pool.connection_class is connection_class
         assert pool.connection_kwargs["retry"].get_retries() == 0  # retries would multiply the timeout
 

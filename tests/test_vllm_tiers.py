@@ -10,6 +10,7 @@ cost ~30 s each, so one engine covers several checks where it can:
 * a directory that is read-only at start is a clear error at start (the engine does not come up).
 * ``redis_runs``: one engine runs five rounds while the test kills and restarts ``redis-server`` between
   them; a second engine (fresh process, a disk limit smaller than one chunk) hits on what the first stored.
+* ``cluster_runs``: the same sharing through a 3-master Redis Cluster (``redis+cluster://``).
 
 Every output is compared with an engine without the connector: a hit on wrong bytes changes the tokens
 (``test_disabling_loads_changes_outputs`` in ``test_vllm_connector.py`` proves that for this model).
@@ -31,6 +32,7 @@ from kvoffload.tiers import disk
 from kvoffload.tiers.disk import HEADER_SIZE, pack_header, unpack_header
 from tests.conftest import EngineRun, run_engine
 from tests.greedy import assert_same_greedy
+from tests.redis_cluster import RedisCluster, cluster_tools_missing
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.vllm
@@ -321,6 +323,34 @@ def test_two_engines_share_kv_through_redis(redis_runs: dict, baseline: EngineRu
     assert files(redis_runs["second_disk"]) == []
     summary = tier_summary(run, "disk")
     assert summary["wrote"] == 0 and summary["skipped"] > 0
+
+
+@pytest.fixture(scope="module")
+def cluster_runs(tiny_model: str) -> dict:
+    """Engine A stores prompts 5-6 in a 3-master cluster; engine B, a fresh process whose pool holds nothing,
+    loads them back from it. local_cpu is off in both, so every hit is a read from the cluster."""
+    missing = cluster_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    remote = {"local_cpu": False, "max_local_cpu_size": 0.02}
+    with RedisCluster() as cluster:
+        remote["remote_url"] = cluster.url
+        a = run_engine(connector_spec(tiny_model, [5, 6], remote))
+        b = run_engine(connector_spec(tiny_model, [5, 6], remote))
+        keys_per_master = [cluster.client(i).dbsize() for i in range(len(cluster.masters))]
+    return {"a": a, "b": b, "keys_per_master": keys_per_master}
+
+
+def test_a_second_engine_loads_the_prefix_from_a_cluster(cluster_runs: dict, baseline: EngineRun) -> None:
+    a, b = cluster_runs["a"], cluster_runs["b"]
+    assert_same_greedy(a.rounds[0], baseline, [5, 6])
+    assert_same_greedy(b.rounds[0], baseline, [5, 6], "outputs served from the cluster differ from recomputed ones")
+    stored = sum(cluster_runs["keys_per_master"])
+    assert stored == tier_summary(a, "redis")["wrote"] > 0
+    assert all(cluster_runs["keys_per_master"]), f"chunks per master: {cluster_runs['keys_per_master']}"
+    assert hits_by_prompt(b, [[5, 6]])[0] == {5: len(PROMPTS[5]) - 1, 6: len(PROMPTS[6]) - 1}
+    assert b.metrics["kvoffload:redis_hits_total"] == whole_chunks(5) + whole_chunks(6) + 2  # and both tails
+    assert "is down" not in a.log + b.log and "Traceback" not in a.log + b.log
 
 
 def test_tier_counters_reduce_to_what_vllm_logs() -> None:

@@ -106,20 +106,24 @@ def _require_dir(path: str) -> None:
 
 
 @contextmanager
-def _remote(url: str, password: str | None) -> Iterator[redis.Redis]:
-    """A client for ``url``; any server failure inside becomes a one-line error with the password masked."""
+def _remote(url: str, password: str | None) -> Iterator[list[redis.Redis]]:
+    """A client for each server of ``url`` (the masters of a cluster); any server failure inside becomes a
+    one-line error with the password masked."""
     import redis  # only when a remote tier is asked for: it is an optional dependency
 
-    from kvoffload.tiers.redis_tier import connect
+    from kvoffload.tiers.redis_tier import backend, secret_of
 
-    client = connect(url, password, _REMOTE_TIMEOUT)
+    servers = backend(url, password, _REMOTE_TIMEOUT)
+    secret = secret_of(url, password)
     try:
-        yield client
+        if not servers.start():
+            raise _TierError(f"the remote tier {redact_url(url)} failed: no server answered (see the log above)")
+        yield [node.client for node in servers.nodes]
     except redis.exceptions.RedisError as exc:
-        message = str(exc).replace(password, "***") if password else str(exc)
+        message = str(exc).replace(secret, "***") if secret else str(exc)
         raise _TierError(f"the remote tier {redact_url(url)} failed: {type(exc).__name__}: {message}") from None
     finally:
-        client.close()
+        servers.close()
 
 
 def _human(n: int) -> str:
@@ -157,8 +161,8 @@ def _ls(args: argparse.Namespace) -> int:
     if targets.remote:
         from kvoffload.tiers.redis_tier import list_keys
 
-        with _remote(targets.remote, targets.password) as client:
-            entries = list_keys(client)
+        with _remote(targets.remote, targets.password) as clients:
+            entries = [entry for client in clients for entry in list_keys(client)]
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for entry in entries:
             counts[entry.namespace][0] += 1
@@ -202,7 +206,7 @@ def _clear(args: argparse.Namespace) -> int:
     if targets.remote:
         from kvoffload.tiers.redis_tier import clear
 
-        with _remote(targets.remote, targets.password) as client:
-            removed = clear(client)
+        with _remote(targets.remote, targets.password) as clients:
+            removed = sum(clear(client) for client in clients)
         print(f"remote {redact_url(targets.remote)}: removed {removed} chunks")
     return 0

@@ -78,6 +78,10 @@ MAX_REMOTE_TTL = 2**31 - 1
 REDIS_DATABASES = 16
 _REMOTE_SCHEMES = {"redis", "rediss", "valkey", "valkeys"}
 _TLS_SCHEMES = {"rediss", "valkeys"}
+#: Redis Cluster and Valkey Cluster URLs, by the scheme of each node's own URL.
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "valkey+cluster": "redis", "rediss+cluster": "rediss",
+                    "valkeys+cluster": "rediss"}
+DEFAULT_REDIS_PORT = 6379
 _OFF_WORDS = {"", "0", "false", "no", "off", "none", "null"}
 
 
@@ -209,6 +213,8 @@ _URL_OPTIONS: dict[str, tuple[Callable[[str], None], str]] = {
     "socket_connect_timeout": (_seconds_text, _SECONDS_ACCEPTED),
     "socket_keepalive": (_bool_text, "true or false"),
 }
+#: A cluster has database 0 only, so no ``db``.
+_CLUSTER_URL_OPTIONS = {name: option for name, option in _URL_OPTIONS.items() if name != "db"}
 #: Options of the TLS client only (rediss://, valkeys://).
 _TLS_URL_OPTIONS: dict[str, tuple[Callable[[str], None], str]] = {
     "ssl_cert_reqs": (_cert_reqs, "none, optional or required"),
@@ -217,23 +223,83 @@ _TLS_URL_OPTIONS: dict[str, tuple[Callable[[str], None], str]] = {
 }
 
 
-def _check_url(scheme: str, path: str, query: str) -> None:
-    """The database and query options of a ``remote_url``, checked as redis-py will read them."""
-    if path not in {"", "/"}:
-        try:
-            _db_number(path[1:])
-        except ValueError:
-            raise _Refused(f"database {path[1:]!r}: expected {_DB_ACCEPTED}") from None
-    known = {**_URL_OPTIONS, **(_TLS_URL_OPTIONS if scheme in _TLS_SCHEMES else {})}
+def _check_query(scheme: str, query: str, known: dict[str, tuple[Callable[[str], None], str]]) -> None:
+    """The query options of a ``remote_url``, checked as redis-py will read them; ``known`` are those allowed."""
+    tls_scheme = scheme in _TLS_SCHEMES or _CLUSTER_SCHEMES.get(scheme) == "rediss"
+    if tls_scheme:
+        known = {**known, **_TLS_URL_OPTIONS}
     for name, texts in parse_qs(query).items():  # as redis-py: the first value; blank values dropped
         if name not in known:
-            tls = "" if scheme in _TLS_SCHEMES else f"; with rediss:// also {', '.join(_TLS_URL_OPTIONS)}"
+            with_tls = "rediss+cluster://" if scheme in _CLUSTER_SCHEMES else "rediss://"
+            tls = "" if tls_scheme else f"; with {with_tls} also {', '.join(_TLS_URL_OPTIONS)}"
             raise _Refused(f"unknown query option {name!r}: known are {', '.join(known)}{tls}")
         check, accepted = known[name]
         try:
             check(texts[0])
         except ValueError:
             raise _Refused(f"query option {name}={texts[0]!r}: expected {accepted}") from None
+
+
+def _check_url(scheme: str, path: str, query: str) -> None:
+    """The database and query options of a one-server ``remote_url``."""
+    if path not in {"", "/"}:
+        try:
+            _db_number(path[1:])
+        except ValueError:
+            raise _Refused(f"database {path[1:]!r}: expected {_DB_ACCEPTED}") from None
+    _check_query(scheme, query, _URL_OPTIONS)
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """A ``redis+cluster://`` URL taken apart: the seed nodes, and what each node's own URL shares."""
+
+    scheme: str  #: ``redis`` or ``rediss``: the scheme of a node's own URL
+    nodes: tuple[tuple[str, int], ...]  #: the seed nodes as (host, port)
+    userinfo: str  #: ``user:password`` (either part may be empty) or "", as written
+    query: str
+
+    def node_url(self, host: str, port: int) -> str:
+        """The one-server URL of a node, with this URL's credentials and options (database 0)."""
+        at = f"{self.userinfo}@" if self.userinfo else ""
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{at}{host}:{port}/0" + (f"?{self.query}" if self.query else "")
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlparse(url).scheme in _CLUSTER_SCHEMES
+
+
+def _split_cluster_url(url: str) -> ClusterURL:
+    """``url`` taken apart; _Refused says what is wrong (no nodes, a bad port, a database but 0, an option)."""
+    parsed = urlparse(url)
+    userinfo, _, hosts = parsed.netloc.rpartition("@")
+    if not hosts.strip():
+        raise _Refused("no nodes: expected one or more host:port, comma-separated")
+    nodes = []
+    for part in hosts.split(","):
+        node = urlparse(f"//{part.strip()}")
+        if not node.hostname:
+            raise _Refused(f"node {part!r} has no host: expected host:port, comma-separated")
+        try:
+            port = node.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise _Refused(f"node {part!r}: the port is not a number from 1 to 65535")
+        nodes.append((node.hostname, port or DEFAULT_REDIS_PORT))
+    if parsed.path not in {"", "/", "/0"}:
+        raise _Refused(f"database {parsed.path[1:]!r}: a cluster has database 0 only")
+    _check_query(parsed.scheme, parsed.query, _CLUSTER_URL_OPTIONS)
+    return ClusterURL(_CLUSTER_SCHEMES[parsed.scheme], tuple(nodes), userinfo, parsed.query)
+
+
+def cluster_url(url: str) -> ClusterURL:
+    """``url`` (a ``redis+cluster://`` URL) taken apart, or a ConfigError naming ``remote_url``."""
+    try:
+        return _split_cluster_url(url)
+    except _Refused as exc:
+        raise ConfigError(f"remote_url {_shown('remote_url', url)!r}: {exc}") from None
 
 
 def _parse_remote_url(key: str, value: Any) -> str | None:
@@ -245,6 +311,9 @@ def _parse_remote_url(key: str, value: Any) -> str | None:
     if value.lower() in {"", "none", "null"}:
         return None
     parsed = urlparse(value)
+    if parsed.scheme in _CLUSTER_SCHEMES:
+        _split_cluster_url(value)
+        return value
     if parsed.scheme not in _REMOTE_SCHEMES or not parsed.hostname:
         raise ValueError
     try:
@@ -284,8 +353,9 @@ KEYS: dict[str, _Key] = {
         _Key("max_local_disk_size", 0.0, _parse_size_gb, "a number of GB >= 0 (> 0 when local_disk is set)",
              "Byte limit of the disk tier in GB; least recently used chunks are removed above it."),
         _Key("remote_url", None, _parse_remote_url,
-             f"redis://[:password@]host:port/db with db 0 to {REDIS_DATABASES - 1}, rediss://… (TLS), or null",
-             "Redis or Valkey server shared by several engines; unset means no remote tier."),
+             f"redis://[:password@]host:port/db with db 0 to {REDIS_DATABASES - 1}, rediss://… (TLS), "
+             "redis+cluster://[:password@]host:port,host:port/ (a cluster, db 0), or null",
+             "Redis or Valkey server, or Redis/Valkey Cluster, shared by several engines; unset means no remote tier."),
         _Key("remote_timeout", 0.5, _parse_timeout, _SECONDS_ACCEPTED,
              "Longest time any remote operation may take before the request falls back to recompute."),
         _Key("remote_ttl", None, _parse_ttl, f"a number of seconds > 0 and <= {MAX_REMOTE_TTL} (2**31 - 1), or null for no expiry",

@@ -90,6 +90,8 @@ def test_example_config_files_are_valid():
     assert cpu.max_local_cpu_size == 5.0 and cpu.local_cpu and cpu.chunk_size == 256
     tiers = _example_config(ROOT / "examples" / "kvoffload-tiers.yaml")
     assert tiers.local_disk and tiers.max_local_disk_size > 0 and tiers.remote_url.startswith("redis://")
+    cluster = _example_config(ROOT / "examples" / "kvoffload-cluster.yaml")
+    assert cluster.remote_url.startswith("redis+cluster://") and cluster.remote_url.count(",") == 2
 
 
 @pytest.mark.parametrize("name", ["values-kvoffload.yaml", "values-kvoffload-shared.yaml"])

@@ -4,22 +4,13 @@ Key ``kvoffload:<fingerprint.hex()[:16]>:<key.hex()>``; value = the header of :m
 followed by the payload, so a value written by another model, a truncated value or a flipped byte is
 detected at read time and deleted instead of being served (LMCache's remote header has no checksum).
 
-A remote server may vanish, stall or come back different (fewer databases, a password, not Redis at
-all) at any moment, and the inference loop must never wait on it longer than ``timeout``, nor see an
-exception from it. So:
-
-* every socket operation, the connect included, is bounded by ``timeout``, whatever the URL's query
-  options say (``?socket_timeout=20`` is lowered to ``timeout``), and redis-py's own retries and health
-  checks are off (they would multiply the bound);
-* any failure of a call (connection, timeout, a refused handshake such as ``DB index is out of range``,
-  a reply that is not Redis) marks the tier *down*: calls then answer at once (miss / ``FAILED``) without
-  touching the network, while a background thread pings the server every second; the first ping that
-  succeeds marks it up again. So a dead or hung server costs a caller (the scheduler's ``contains``
-  included) one bounded wait, then nothing until it is back. Each transition, and each new kind of
-  failure while down, is logged once, without a traceback;
-* each batch is one pipelined round trip (``SET``/``GET``/``EXISTS``), so a batch costs one timeout at
-  most, not one per chunk. A command the server refuses inside a batch (out of memory, wrong type) fails
-  that chunk only and is logged once per kind.
+A remote server may vanish, stall or come back different at any moment; how each call is bounded by
+``timeout`` and how a server that fails is skipped, probed and used again is in
+:mod:`kvoffload.tiers.redis_node`. ``remote_url`` names one server (:class:`~kvoffload.tiers.redis_node.Single`)
+or, as ``redis+cluster://``, the masters of a cluster (:class:`~kvoffload.tiers.redis_cluster.Cluster`), each
+of which is skipped alone while it is down. Each batch (``SET``/``GET``/``EXISTS``) is one pipelined round
+trip to each server it touches, so a batch costs one timeout at most, not one per chunk. A command the
+server refuses inside a batch (out of memory, wrong type) fails that chunk only and is logged once per kind.
 
 With a shared secret (``remote_auth_key_file``) each value also ends with an HMAC-SHA256 of the header
 and the payload, so only an engine holding the secret can write an entry that is served: the xxh3
@@ -42,18 +33,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import unquote, urlparse
 
 import redis
 import xxhash
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from kvoffload.config import ConfigError, redact_url
+from kvoffload.config import is_cluster_url, redact_url
 from kvoffload.tiers.base import ChunkTier, PutResult, TierStats
 from kvoffload.tiers.disk import (HEADER_SIZE, BadEntry, OnceLog, byte_view, check_header, pack_header,
                                   unpack_header)
+from kvoffload.tiers.redis_cluster import Cluster
+from kvoffload.tiers.redis_node import UNAVAILABLE, Single
 
 if TYPE_CHECKING:
     from kvoffload.config import Settings
@@ -61,49 +52,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = b"kvoffload:"
-_SCHEMES = {"redis": "redis", "rediss": "rediss", "valkey": "redis", "valkeys": "rediss"}
-#: How often a down tier pings the server; short, so a restarted server is used again quickly.
-_RETRY_SECONDS = 1.0
 MAC_SIZE = hashlib.sha256().digest_size
 #: Signed first, so a signature made with the same secret for another purpose never verifies here.
 _MAC_CONTEXT = b"kvoffload remote entry v1\0"
-_T = TypeVar("_T")
 
 
-def connect(url: str, password: str | None, timeout: float) -> redis.Redis:
-    """A client for ``url`` whose every socket operation ends within ``timeout`` seconds.
+def secret_of(url: str, password: str | None) -> str | None:
+    """The password in use (``password`` wins over the URL's), to mask in every message."""
+    return password or (unquote(urlparse(url).password or "") or None)
 
-    ``password`` wins over one in the URL (the settings resolve ``KVOFFLOAD_REMOTE_PASSWORD`` first).
-    redis-py lets the URL's query options override keyword arguments, so the options that would lengthen
-    a call or change the replies' types are set after the URL is parsed: a timeout in the URL may only
-    shorten ``timeout``.
-    """
-    parsed = urlparse(url)
-    scheme = _SCHEMES.get(parsed.scheme)
-    if scheme is None or not parsed.hostname:
-        raise ConfigError(f"remote_url {redact_url(url)!r}: expected redis://, rediss://, valkey:// or valkeys:// "
-                          f"with a host")
-    if password is None and parsed.password:
-        password = unquote(parsed.password)
-    netloc = parsed.netloc.rsplit("@", 1)[-1]
-    if parsed.username:
-        netloc = f"{parsed.username}@{netloc}"
-    # The password travels as an argument, not in the URL that redis-py may echo in its messages.
-    clean = parsed._replace(scheme=scheme, netloc=netloc).geturl()
-    pool = redis.ConnectionPool.from_url(clean, password=password)
-    options = pool.connection_kwargs
-    for name in ("socket_timeout", "socket_connect_timeout"):
-        asked = options.get(name)
-        options[name] = min(asked, timeout) if asked and asked > 0 else timeout
-    options.update(retry=Retry(NoBackoff(), 0), retry_on_error=[], retry_on_timeout=False,
-                   health_check_interval=0, decode_responses=False)
-    client = redis.Redis(connection_pool=pool)
-    client.auto_close_connection_pool = True
-    return client
+
+def backend(url: str, password: str | None, timeout: float) -> Single | Cluster:
+    """The server, or the cluster's masters, that ``url`` names."""
+    return (Cluster if is_cluster_url(url) else Single)(url, password, timeout, secret_of(url, password))
 
 
 class RedisTier(ChunkTier):
-    """Chunk payloads in a Redis or Valkey server, with optional expiry (``ttl`` seconds)."""
+    """Chunk payloads in a Redis or Valkey server or cluster, with optional expiry (``ttl`` seconds)."""
 
     name = "redis"
 
@@ -114,19 +79,15 @@ class RedisTier(ChunkTier):
         self.fingerprint = fingerprint
         self._auth_key = auth_key
         self.stats = TierStats()
-        self._client = connect(url, password, timeout)
-        self._secret = password or (unquote(urlparse(url).password or "") or None)
+        self._servers = backend(url, password, timeout)
+        self._secret = secret_of(url, password)
         self._where = redact_url(url)
         self._prefix = KEY_PREFIX + fingerprint.hex()[:16].encode() + b":"
         self._px = max(1, round(ttl * 1000)) if ttl else None
         self._lock = threading.Lock()
-        self._down = False
-        self._last_failure = ""  # the failure last logged in this outage, so a new kind is logged once
-        self._prober: threading.Thread | None = None
-        self._closed = threading.Event()
         self._removed: list[bytes] = []
         self._log = OnceLog(logger)
-        if self._run(self._client.ping) is not None:
+        if self._servers.start():
             logger.info("kvoffload remote tier %s: connected%s", self._where,
                         ", entries signed" if auth_key is not None else "")
 
@@ -147,26 +108,21 @@ class RedisTier(ChunkTier):
             return []
         start = time.perf_counter()
         views = [(key, byte_view(payload)) for key, payload in items]
+        names = [self._name(key) for key, _ in items]
 
-        def send() -> list:  # builds the values only when the server is asked: no copies while down
-            pipe = self._client.pipeline(transaction=False)
-            for key, view in views:
-                pipe.set(self._name(key), self._value(key, view), px=self._px)
-            return _expect(pipe.execute(raise_on_error=False), lambda reply: reply is True)
+        def queue(pipe: redis.client.Pipeline, i: int) -> None:  # values are built only for a server asked
+            pipe.set(names[i], self._value(*views[i]), px=self._px)
 
-        replies = self._run(send)
+        replies = _expect(self._servers.batch(names, queue), lambda reply: reply is True)
         elapsed = time.perf_counter() - start
-        if replies is None:
-            with self._lock:
-                self.stats.errors += len(items)
-            return [PutResult.FAILED] * len(items)
-        results = [PutResult.FAILED if isinstance(reply, Exception) else PutResult.STORED for reply in replies]
+        results = [PutResult.STORED if reply is True else PutResult.FAILED for reply in replies]
         with self._lock:
             self.stats.errors += results.count(PutResult.FAILED)
             self.stats.writes += results.count(PutResult.STORED)
             self.stats.bytes_written += sum(view.nbytes for (_, view), result in zip(views, results)
                                             if result is PutResult.STORED)
-            self.stats.write_seconds += elapsed
+            if any(reply is not UNAVAILABLE for reply in replies):  # time spent talking to a server
+                self.stats.write_seconds += elapsed
         for reply in replies:
             if isinstance(reply, Exception):
                 self._log_refusal("SET", reply)
@@ -180,25 +136,14 @@ class RedisTier(ChunkTier):
             return []
         start = time.perf_counter()
         names = [self._name(key) for key, _ in items]
-
-        def fetch() -> list:
-            pipe = self._client.pipeline(transaction=False)
-            for name in names:
-                pipe.get(name)
-            return _expect(pipe.execute(raise_on_error=False), lambda reply: reply is None or isinstance(reply, bytes))
-
-        replies = self._run(fetch)
-        if replies is None:
-            with self._lock:
-                self.stats.errors += len(items)
-                self.stats.misses += len(items)
-            return [False] * len(items)
+        replies = _expect(self._servers.batch(names, lambda pipe, i: pipe.get(names[i])),
+                          lambda reply: reply is None or isinstance(reply, bytes))
         results: list[bool] = []
         corrupt: list[bytes] = []
         nbytes = 0
         for (key, out), reply in zip(items, replies):
             out = byte_view(out)
-            if reply is None or isinstance(reply, Exception):
+            if not isinstance(reply, bytes):  # a miss, a refusal or a server that is down
                 if isinstance(reply, Exception):
                     self._log_refusal("GET", reply)
                 results.append(False)
@@ -218,30 +163,22 @@ class RedisTier(ChunkTier):
         with self._lock:
             self.stats.hits += sum(results)
             self.stats.misses += len(results) - sum(results)
-            self.stats.errors += sum(isinstance(r, Exception) for r in replies)
+            self.stats.errors += sum(reply is UNAVAILABLE or isinstance(reply, Exception) for reply in replies)
             self.stats.corrupt += len(corrupt)
             self.stats.bytes_read += nbytes
-            self.stats.read_seconds += elapsed
+            if any(reply is not UNAVAILABLE for reply in replies):
+                self.stats.read_seconds += elapsed
             self._removed.extend(corrupt)
         if corrupt:
-            self._run(lambda: self._client.delete(*(self._name(key) for key in corrupt)))
+            gone = [self._name(key) for key in corrupt]
+            self._servers.batch(gone, lambda pipe, i: pipe.delete(gone[i]))  # one key each: a cluster routes it
         return results
 
     def contains(self, keys: Iterable[bytes]) -> list[bool]:
         names = [self._name(key) for key in keys]
         if not names:
             return []
-
-        def exists() -> list:
-            pipe = self._client.pipeline(transaction=False)
-            for name in names:
-                pipe.exists(name)
-            return pipe.execute(raise_on_error=False)
-
-        replies = self._run(exists)
-        if replies is None:
-            return [False] * len(names)
-        return [reply == 1 for reply in replies]
+        return [reply == 1 for reply in self._servers.batch(names, lambda pipe, i: pipe.exists(names[i]))]
 
     def drain_removed(self) -> list[bytes]:
         with self._lock:
@@ -249,11 +186,7 @@ class RedisTier(ChunkTier):
         return removed
 
     def close(self) -> None:
-        self._closed.set()
-        prober = self._prober
-        if prober is not None:
-            prober.join(timeout=2 * _RETRY_SECONDS)
-        self._client.close()
+        self._servers.close()
 
     # ---------------------------------------------------------------- internals
 
@@ -292,71 +225,16 @@ class RedisTier(ChunkTier):
         if xxhash.xxh3_128_digest(payload) != header.checksum:
             raise BadEntry("payload checksum mismatch")
 
-    def _run(self, call: Callable[[], _T]) -> _T | None:
-        """``call()``, or None at once while the tier is down, or None after a failure (marks it down)."""
-        if self._down:
-            return None
-        try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - whatever the server does, the engine must not see it
-            self._mark_down(exc)
-            return None
-
-    def _mark_down(self, exc: Exception) -> None:
-        with self._lock:
-            was_down, self._down = self._down, True
-            if self._prober is None and not self._closed.is_set():
-                self._prober = threading.Thread(target=self._probe, name="kvoffload-redis-probe", daemon=True)
-                self._prober.start()
-        # Drop idle sockets to the old server: after a restart each would fail once more.
-        self._client.connection_pool.disconnect(inuse_connections=False)
-        if not was_down:
-            self._last_failure = self._describe(exc)
-            logger.warning("kvoffload remote tier %s is down (%s); loads and stores skip it and it is retried "
-                           "every %.0f s", self._where, self._last_failure, _RETRY_SECONDS)
-
-    def _probe(self) -> None:
-        """While down: ping every ``_RETRY_SECONDS`` on this thread, so no caller ever waits for a probe."""
-        while not self._closed.wait(_RETRY_SECONDS):
-            try:
-                self._client.ping()
-            except Exception as exc:  # noqa: BLE001 - a probe that fails for any reason is retried later
-                self._client.connection_pool.disconnect(inuse_connections=False)
-                failure = self._describe(exc)
-                if failure != self._last_failure:
-                    self._last_failure = failure
-                    logger.warning("kvoffload remote tier %s is still down (%s); retried every %.0f s", self._where,
-                                   failure, _RETRY_SECONDS)
-                continue
-            with self._lock:
-                self._down, self._prober = False, None
-            logger.warning("kvoffload remote tier %s is back up", self._where)
-            return
-        with self._lock:
-            self._prober = None
-
-    def _describe(self, exc: Exception) -> str:
-        """One line for a log: the failure's kind and message, the password masked, with a hint if known."""
-        text = f"{type(exc).__name__}: {self._mask(str(exc))}"
-        if isinstance(exc, redis.ResponseError) and "DB index" in str(exc):
-            text += "; the database number of remote_url does not exist on this server (see its `databases`)"
-        elif isinstance(exc, redis.exceptions.InvalidResponse):
-            text += "; the server does not speak the Redis protocol: check the host and port of remote_url"
-        return text
-
     def _log_refusal(self, command: str, exc: Exception) -> None:
         kind = type(exc).__name__
         self._log.warning(f"{command}:{kind}", "kvoffload remote tier %s refused %s: %s: %s", self._where, command,
-                          kind, self._mask(str(exc)))
-
-    def _mask(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+                          kind, self._servers.nodes[0].mask(str(exc)) if self._servers.nodes else str(exc))
 
 
 def _expect(replies: list, valid: Callable[[object], bool]) -> list:
     """``replies`` with each one that is neither an error nor ``valid`` turned into an error: a server that
     is not quite Redis must not hand an integer to the checksum code."""
-    return [reply if isinstance(reply, Exception) or valid(reply)
+    return [reply if reply is UNAVAILABLE or isinstance(reply, Exception) or valid(reply)
             else redis.exceptions.InvalidResponse(f"unexpected reply of type {type(reply).__name__}")
             for reply in replies]
 
@@ -406,8 +284,12 @@ def list_keys(client: redis.Redis) -> list[RemoteEntry]:
 
 
 def clear(client: redis.Redis) -> int:
-    """Delete every kvoffload chunk on the server (other keys are left alone); returns how many."""
+    """Delete every kvoffload chunk on the server, or on one master of a cluster (other keys are left
+    alone); returns how many."""
     removed = 0
     for batch in _batches(_names(client)):
-        removed += client.unlink(*batch)
+        pipe = client.pipeline(transaction=False)
+        for name in batch:  # one key per command: a cluster master refuses keys of several slots in one
+            pipe.unlink(name)
+        removed += sum(pipe.execute())
     return removed
