@@ -19,6 +19,14 @@ The differences, all of them here:
   the scheduler side resets a new request's blocks whatever its past.)
 * 0.34 dropped ``ModelRunnerOutput.req_id_to_index`` (the order of ``req_ids`` is the index);
   :func:`model_runner_output` builds one for code that stands in for the model (benchmarks, tests).
+
+Differences that need no code here (read in each release's ``kv_connector/v1/base.py`` and their callers): 0.33's
+``supports_sleep_mode`` (the base class says True; the connector says False, see its docstring) and
+``unregister_kv_caches``/``restore_kv_caches`` (the connector drains its copies); 0.34's
+``supports_lookahead_block_hashes`` (False: kvoffload hashes tokens itself), ``kv_cache_access`` (``IN_PROCESS``:
+the workers copy with the device's own engines), ``may_load_async`` (False: only vLLM's
+``--max-num-inflight-kv-loads`` queue reads it) and its model-runner mixin's move to ``v1/worker/{gpu,cpu}/``
+(kvoffload imports no mixin). The abstract methods are the same seven in 0.26 to 0.34.
 """
 
 from __future__ import annotations
