@@ -77,11 +77,11 @@ class Watch:
         self.stray: list[str] = []
 
     def __call__(self, scheduler: Any, output: Any) -> None:
+        from kvoffload.vllm import compat
         from kvoffload.vllm.plan import StepPlan
 
         self.preempted.update(output.preempted_req_ids or ())
-        cached = output.scheduled_cached_reqs
-        for req_id in getattr(cached, "resumed_req_ids", None) or ():  # the field is gone in 0.34
+        for req_id in compat.resumed_req_ids(output.scheduled_cached_reqs):
             self.resumed[req_id] = "cached"
         for new in output.scheduled_new_reqs:
             if new.req_id in self.scheduled:
