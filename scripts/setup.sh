@@ -22,3 +22,5 @@ pip install "setuptools>=68" wheel
 pip install --no-build-isolation -e ".[test]"
 [ -f requirements-docs.txt ] && pip install -r requirements-docs.txt
 python -c "import kvoffload, vllm; print('kvoffload', kvoffload.__version__, 'with vLLM', vllm.__version__)"
+# The newer vLLM releases whose scheduler side tests/test_vllm_next.py checks (one venv each, over this torch)
+bash scripts/setup_vllm_next.sh

