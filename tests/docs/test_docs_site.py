@@ -234,3 +234,37 @@ def test_architecture_diagrams_fit_and_match():
             assert float(rect.get("y")) + float(rect.get("height")) <= height, f"{name}: a box is cut off"
         shapes[name] = [(r.get("x"), r.get("y")) for r in rects]
     assert shapes["architecture.svg"] == shapes["architecture.zh_CN.svg"]
+
+
+def test_theme_strings_are_chinese_on_zh_pages(built_site: Path):
+    """furo's and the search page's own strings come from locales/zh_CN/LC_MESSAGES/sphinx.po (and sphinx.js)."""
+    zh = (built_site / "zh_CN" / "limitations.html").read_text(encoding="utf-8")
+    en = (built_site / "en" / "limitations.html").read_text(encoding="utf-8")
+    for english, chinese in [("Back to top", "返回顶部"), (">Next<", ">下一页<"), (">Previous<", ">上一页<"),
+                             ("Toggle Light / Dark / Auto color theme", "切换浅色 / 深色 / 自动配色"),
+                             ("<title>Light mode</title>", "<title>浅色模式</title>"),
+                             ("<title>Dark mode</title>", "<title>深色模式</title>"),
+                             ("<title>Contents</title>", "<title>目录</title>"), ("Made with", "本站使用")]:
+        assert english in en, english
+        assert english not in zh and chinese in zh, (english, chinese)
+    js = (built_site / "zh_CN" / "_static" / "translations.js").read_text(encoding="utf-8")
+    assert "Search finished, found ${resultCount} pages" not in js  # a singular msgid keys plural entries
+    assert '"Search finished, found one page matching the search query."' in js and "搜索完成" in js
+
+
+def test_theme_template_overrides_are_furos_files():
+    """docs/_templates/page.html and partials/icons.html only wrap furo's hard-coded strings in _(): after a
+    furo upgrade they must be copied again (the test fails when furo's file changed)."""
+    import furo
+
+    theme = Path(furo.__file__).parent / "theme" / "furo"
+    for rel in ("page.html", "partials/icons.html"):
+        ours = (ROOT / "docs" / "_templates" / rel).read_text(encoding="utf-8")
+        ours = re.sub(r"\A\{#-.*?-#\}\n", "", ours, flags=re.S)
+        furos = (theme / rel).read_text(encoding="utf-8")
+        furos = re.sub(r"<title>([^<{]+)</title>", r'<title>{{ _("\1") }}</title>', furos)
+        furos = re.sub(r'aria-label="(Toggle [^"{]+)"', r'aria-label="{{ _("\1") }}"', furos)
+        assert ours == furos, f"docs/_templates/{rel} is not furo's {rel} with its strings wrapped in _()"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "theme_catalog.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
