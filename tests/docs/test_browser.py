@@ -191,6 +191,9 @@ def test_log_blocks_show_the_hit_tokens_column(page, site_url):
     ("zh_CN", "卸载", "quickstart"),
     ("zh_CN", "预填充", "overview"),
     ("zh_CN", "锁页内存", "backends"),
+    ("zh_CN", "首token延迟", "quickstart"),  # issue 19: three queries that found nothing
+    ("zh_CN", "多进程", "troubleshooting"),
+    ("zh_CN", "监控", "monitoring"),
 ])
 def test_search(page, site_url, lang, query, expect):
     page.goto(urljoin(site_url, f"{lang}/search.html?q={query}"))

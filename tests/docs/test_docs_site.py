@@ -68,7 +68,7 @@ def test_both_languages_build(built_site: Path):
     # Chinese words (segmented by jieba) are in the zh search index.
     raw = (built_site / "zh_CN" / "searchindex.js").read_text(encoding="utf-8")
     terms = json.loads(raw[raw.index("(") + 1: raw.rindex(")")])["terms"]
-    for word in ("卸载", "配置", "预填充", "锁页内存"):
+    for word in ("卸载", "配置", "预填充", "锁页内存", "首token延迟", "多进程", "监控"):
         assert word in terms, word
     # Example code is the same, untranslated, on both pages.
     assert "KVOffloadConnector" in (built_site / "zh_CN" / "quickstart.html").read_text(encoding="utf-8")
