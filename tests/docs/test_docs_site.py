@@ -268,3 +268,32 @@ def test_theme_template_overrides_are_furos_files():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "theme_catalog.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hreflang_alternates_link_each_page_to_its_translation(built_site: Path):
+    """Every page of both languages names itself and its translation (and x-default: English) with
+    <link rel="alternate" hreflang>, and each link resolves to the same page in that language."""
+    found = 0
+    for lang in ("en", "zh_CN"):
+        for page in (built_site / lang).rglob("*.html"):
+            rel = page.relative_to(built_site / lang)
+            if rel.parts[0] in ("_static", "_sources", "_images", "_downloads"):
+                continue
+            head = page.read_text(encoding="utf-8").split("</head>", 1)[0]
+            links = dict(re.findall(r'<link rel="alternate" hreflang="([^"]+)" href="([^"]+)"', head))
+            assert set(links) == {"en", "zh-CN", "x-default"}, (page, links)
+            for tag, code in (("en", "en"), ("zh-CN", "zh_CN"), ("x-default", "en")):
+                target = (page.parent / links[tag]).resolve()
+                assert target == (built_site / code / rel).resolve() and target.is_file(), (page, tag, links[tag])
+            found += 1
+    assert found >= 2 * 16
+
+
+def test_hreflang_absolute_with_a_site_url():
+    import kvoffload_hreflang
+
+    links = kvoffload_hreflang.alternate_links("notebooks/quickstart", ".html", "../", [("en", "English"),
+                                               ("zh_CN", "简体中文")], "https://docs.example.org/kvoffload/")
+    assert links == [("en", "https://docs.example.org/kvoffload/en/notebooks/quickstart.html"),
+                     ("zh-CN", "https://docs.example.org/kvoffload/zh_CN/notebooks/quickstart.html"),
+                     ("x-default", "https://docs.example.org/kvoffload/en/notebooks/quickstart.html")]
