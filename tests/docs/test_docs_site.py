@@ -297,3 +297,17 @@ def test_hreflang_absolute_with_a_site_url():
     assert links == [("en", "https://docs.example.org/kvoffload/en/notebooks/quickstart.html"),
                      ("zh-CN", "https://docs.example.org/kvoffload/zh_CN/notebooks/quickstart.html"),
                      ("x-default", "https://docs.example.org/kvoffload/en/notebooks/quickstart.html")]
+
+
+def test_benchmarks_page_is_user_facing():
+    """The results read as results: no internal names ("seed script"), no bare issue numbers; the history
+    of how the figures came about is its own section after the results and the method."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    prose = re.sub(r"`[^`]*`|\([^)]*\.(?:png|json|log)\)", "", page)
+    assert not re.search(r"\bseed\s+script|\bseed\s+run", prose, re.I)
+    assert not re.search(r"(?<![\w/&])#\d+\b|\bissue\s+#?\d+", prose, re.I)
+    order = [page.index(h) for h in ("## Results with vLLM's default CUDA graphs", "## Results with `enforce_eager`",
+                                     "## Method", "## Development history", "## Reproduce")]
+    assert order == sorted(order)
+    generated = (ROOT / "docs" / "_static" / "bench" / "results.md").read_text(encoding="utf-8")
+    assert "Seed" not in generated and "seed script" not in generated
