@@ -21,6 +21,7 @@ REJECTED = {
     "拷贝": re.compile("拷贝"),
     "首 token 时间/延迟 with spaces": re.compile(r"首\s+token"),
     "worker left in English": re.compile(r"(?<![`_a-z])[Ww]orkers?(?![`_a-z])"),
+    "KV Cache without a space before Chinese": re.compile("KV Cache(?=[\u4e00-\u9fff])"),
 }
 
 
