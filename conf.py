@@ -27,6 +27,7 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx_copybutton",
     "kvoffload_docs",           # docs/_ext/kvoffload_docs.py: generated settings table
+    "kvoffload_hreflang",       # docs/_ext/kvoffload_hreflang.py: <link rel="alternate" hreflang> per page
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"

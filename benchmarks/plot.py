@@ -5,7 +5,7 @@ Reads the JSON files in ``benchmarks/results/`` (committed measurements; no GPU 
 into ``docs/_static/bench/``:
 
 - for each end-to-end file ``e2e_*.json`` (``benchmarks/e2e_gpu.py``):
-  ``<name>-seed.png`` (seed script, run 1 and run 2 per mode, with the PCIe floor of run 2 when a
+  ``<name>-seed.png`` (the repeated batch, run 1 and run 2 per mode, with the PCIe floor of run 2 when a
   copy-bandwidth file of the same model exists) and ``<name>-ttft.png`` (time to first token per
   scenario per mode);
 - for each copy-bandwidth file ``copy_bandwidth_*.json`` (``benchmarks/copy_bandwidth.py``):
@@ -108,7 +108,7 @@ def e2e_markdown(name: str, data: dict, copy: dict[str, dict]) -> list[str]:
     if same:
         verdict = ", ".join(f"{label(m)}: {'yes' if ok else 'NO'}" for m, ok in same.items())
         lines += [f"Greedy token ids identical to no offloading in every scenario: {verdict}.", ""]
-    lines += ["| Mode | Seed run 1 (s) | Seed run 2 (s) | Run 1 / run 2 | Query twice, cold (s) | "
+    lines += ["| Mode | Repeated batch, run 1 (s) | Repeated batch, run 2 (s) | Run 1 / run 2 | Query twice, cold (s) | "
               "Query twice, warm (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
         seed, twice = r.get("seed", {}), r.get("twice", {})
@@ -117,9 +117,9 @@ def e2e_markdown(name: str, data: dict, copy: dict[str, dict]) -> list[str]:
                      f"{fmt(twice.get('warm_s'))} |")
     repeated = [r for r in rows if "run1_all_s" in r.get("seed", {}) and "warm_all_s" in r.get("twice", {})]
     if repeated:
-        lines += ["", "Each seed and query-twice figure is the median of three runs (the seed script on three prompt "
+        lines += ["", "Each repeated-batch and query-twice figure is the median of three runs (the repeated batch on three prompt "
                       "sets, three prompts each sent twice); every run:", "",
-                  "| Mode | Seed run 1 (s) | Seed run 2 (s) | Query twice, cold (s) | Query twice, warm (s) |",
+                  "| Mode | Repeated batch, run 1 (s) | Repeated batch, run 2 (s) | Query twice, cold (s) | Query twice, warm (s) |",
                   "|---|---|---|---|---|"]
         for r in repeated:
             runs = [r["seed"]["run1_all_s"], r["seed"]["run2_all_s"], r["twice"]["cold_all_s"], r["twice"]["warm_all_s"]]
@@ -127,7 +127,7 @@ def e2e_markdown(name: str, data: dict, copy: dict[str, dict]) -> list[str]:
                          + " |")
     floor = seed_floor_s(data, copy)
     if floor is not None:
-        lines += ["", f"Lower bound of seed run 2 (its {SEED_LOADED_TOKENS:,} stored tokens loaded at the "
+        lines += ["", f"Lower bound of the repeated batch's run 2 (its {SEED_LOADED_TOKENS:,} stored tokens loaded at the "
                       f"kernel's measured load rate): {floor:.3f} s."]
     lines += ["", "| Mode | Chat TTFT p50 (s) | Chat TTFT p95 (s) | Chat requests/s | "
                   "Doc QA TTFT p50 (s) | Doc QA TTFT p95 (s) | Doc QA requests/s |",
@@ -209,7 +209,7 @@ def plot_e2e(name: str, data: dict, copy: dict[str, dict], out: Path, plt) -> li
         ax.axhline(floor, color="black", linestyle="--", linewidth=1,
                    label=f"run 2 lower bound: loads at measured rate ({floor:.2f} s)")
     ax.set_ylabel("seconds (10 prompts x 10,000 tokens)")
-    ax.set_title(f"Seed script, lower is better\n{title}", fontsize=9)
+    ax.set_title(f"Repeated batch, lower is better\n{title}", fontsize=9)
     ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
     ax.legend(fontsize=7, loc="upper center", ncols=2)
     written.append(_save(fig, out / f"{name}-seed.png", plt))

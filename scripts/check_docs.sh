@@ -14,6 +14,7 @@ catalogs() {
   # -E: pages generated from the code (settings table, CLI help) must be re-read every time.
   sphinx-build -E -q -b gettext -c . docs build/gettext
   sphinx-intl update -p build/gettext -l zh_CN -d locales --no-obsolete >/dev/null
+  python scripts/theme_catalog.py   # the theme's strings (furo, search page): sphinx.po and sphinx.js
 }
 
 case "${1:-check}" in

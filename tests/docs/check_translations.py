@@ -21,7 +21,8 @@ def coverage(lang: str = "zh_CN") -> dict[str, dict]:
         po = polib.pofile(str(path))
         entries = [e for e in po if e.msgid and not e.obsolete]
         fuzzy = [e.msgid for e in entries if "fuzzy" in e.flags]
-        untranslated = [e.msgid for e in entries if not e.msgstr and "fuzzy" not in e.flags]
+        untranslated = [e.msgid for e in entries if "fuzzy" not in e.flags
+                        and not (e.msgstr or (e.msgstr_plural and all(e.msgstr_plural.values())))]
         report[str(path.relative_to(ROOT))] = {
             "total": len(entries),
             "translated": len(entries) - len(fuzzy) - len(untranslated),

@@ -68,7 +68,7 @@ def test_both_languages_build(built_site: Path):
     # Chinese words (segmented by jieba) are in the zh search index.
     raw = (built_site / "zh_CN" / "searchindex.js").read_text(encoding="utf-8")
     terms = json.loads(raw[raw.index("(") + 1: raw.rindex(")")])["terms"]
-    for word in ("卸载", "配置", "预填充", "锁页内存"):
+    for word in ("卸载", "配置", "预填充", "锁页内存", "首token延迟", "多进程", "监控"):
         assert word in terms, word
     # Example code is the same, untranslated, on both pages.
     assert "KVOffloadConnector" in (built_site / "zh_CN" / "quickstart.html").read_text(encoding="utf-8")
@@ -242,3 +242,80 @@ def test_architecture_diagrams_fit_and_match():
             assert float(rect.get("y")) + float(rect.get("height")) <= height, f"{name}: a box is cut off"
         shapes[name] = [(r.get("x"), r.get("y")) for r in rects]
     assert shapes["architecture.svg"] == shapes["architecture.zh_CN.svg"]
+
+
+def test_theme_strings_are_chinese_on_zh_pages(built_site: Path):
+    """furo's and the search page's own strings come from locales/zh_CN/LC_MESSAGES/sphinx.po (and sphinx.js)."""
+    zh = (built_site / "zh_CN" / "limitations.html").read_text(encoding="utf-8")
+    en = (built_site / "en" / "limitations.html").read_text(encoding="utf-8")
+    for english, chinese in [("Back to top", "返回顶部"), (">Next<", ">下一页<"), (">Previous<", ">上一页<"),
+                             ("Toggle Light / Dark / Auto color theme", "切换浅色 / 深色 / 自动配色"),
+                             ("<title>Light mode</title>", "<title>浅色模式</title>"),
+                             ("<title>Dark mode</title>", "<title>深色模式</title>"),
+                             ("<title>Contents</title>", "<title>目录</title>"), ("Made with", "本站使用")]:
+        assert english in en, english
+        assert english not in zh and chinese in zh, (english, chinese)
+    js = (built_site / "zh_CN" / "_static" / "translations.js").read_text(encoding="utf-8")
+    assert "Search finished, found ${resultCount} pages" not in js  # a singular msgid keys plural entries
+    assert '"Search finished, found one page matching the search query."' in js and "搜索完成" in js
+
+
+def test_theme_template_overrides_are_furos_files():
+    """docs/_templates/page.html and partials/icons.html only wrap furo's hard-coded strings in _(): after a
+    furo upgrade they must be copied again (the test fails when furo's file changed)."""
+    import furo
+
+    theme = Path(furo.__file__).parent / "theme" / "furo"
+    for rel in ("page.html", "partials/icons.html"):
+        ours = (ROOT / "docs" / "_templates" / rel).read_text(encoding="utf-8")
+        ours = re.sub(r"\A\{#-.*?-#\}\n", "", ours, flags=re.S)
+        furos = (theme / rel).read_text(encoding="utf-8")
+        furos = re.sub(r"<title>([^<{]+)</title>", r'<title>{{ _("\1") }}</title>', furos)
+        furos = re.sub(r'aria-label="(Toggle [^"{]+)"', r'aria-label="{{ _("\1") }}"', furos)
+        assert ours == furos, f"docs/_templates/{rel} is not furo's {rel} with its strings wrapped in _()"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "theme_catalog.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_hreflang_alternates_link_each_page_to_its_translation(built_site: Path):
+    """Every page of both languages names itself and its translation (and x-default: English) with
+    <link rel="alternate" hreflang>, and each link resolves to the same page in that language."""
+    found = 0
+    for lang in ("en", "zh_CN"):
+        for page in (built_site / lang).rglob("*.html"):
+            rel = page.relative_to(built_site / lang)
+            if rel.parts[0] in ("_static", "_sources", "_images", "_downloads"):
+                continue
+            head = page.read_text(encoding="utf-8").split("</head>", 1)[0]
+            links = dict(re.findall(r'<link rel="alternate" hreflang="([^"]+)" href="([^"]+)"', head))
+            assert set(links) == {"en", "zh-CN", "x-default"}, (page, links)
+            for tag, code in (("en", "en"), ("zh-CN", "zh_CN"), ("x-default", "en")):
+                target = (page.parent / links[tag]).resolve()
+                assert target == (built_site / code / rel).resolve() and target.is_file(), (page, tag, links[tag])
+            found += 1
+    assert found >= 2 * 16
+
+
+def test_hreflang_absolute_with_a_site_url():
+    import kvoffload_hreflang
+
+    links = kvoffload_hreflang.alternate_links("notebooks/quickstart", ".html", "../", [("en", "English"),
+                                               ("zh_CN", "简体中文")], "https://docs.example.org/kvoffload/")
+    assert links == [("en", "https://docs.example.org/kvoffload/en/notebooks/quickstart.html"),
+                     ("zh-CN", "https://docs.example.org/kvoffload/zh_CN/notebooks/quickstart.html"),
+                     ("x-default", "https://docs.example.org/kvoffload/en/notebooks/quickstart.html")]
+
+
+def test_benchmarks_page_is_user_facing():
+    """The results read as results: no internal names ("seed script"), no bare issue numbers; the history
+    of how the figures came about is its own section after the results and the method."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    prose = re.sub(r"`[^`]*`|\([^)]*\.(?:png|json|log)\)", "", page)
+    assert not re.search(r"\bseed\s+script|\bseed\s+run", prose, re.I)
+    assert not re.search(r"(?<![\w/&])#\d+\b|\bissue\s+#?\d+", prose, re.I)
+    order = [page.index(h) for h in ("## Results with vLLM's default CUDA graphs", "## Results with `enforce_eager`",
+                                     "## Method", "## Development history", "## Reproduce")]
+    assert order == sorted(order)
+    generated = (ROOT / "docs" / "_static" / "bench" / "results.md").read_text(encoding="utf-8")
+    assert "Seed" not in generated and "seed script" not in generated
