@@ -47,7 +47,8 @@ def test_quoted_vllm_messages_exist(message):
 
 def test_pipeline_parallel_and_several_groups_are_refused():
     from kvoffload.config import load_settings
-    from kvoffload.vllm.scheduler import OffloadScheduler, UnsupportedModel
+    from kvoffload.errors import UnsupportedModel
+    from kvoffload.vllm.scheduler import OffloadScheduler
     from tests import harness
 
     settings = load_settings({"chunk_size": harness.CHUNK}, environ={})
