@@ -14,12 +14,14 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
-import redis
 
 from tests.redis_server import REDIS_SERVER, RedisServer
+
+if TYPE_CHECKING:
+    import redis
 
 REDIS_CLI = shutil.which("redis-cli")
 CLUSTER_OPTIONS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
@@ -79,6 +81,8 @@ class RedisCluster:
         return done.stdout
 
     def client(self, index: int) -> redis.Redis:
+        import redis  # here, not at import: conftest loads this module where redis-py is not installed (GPU runs)
+
         return redis.Redis(port=self.masters[index].port)
 
     def wait_ok(self, seconds: float = 20) -> None:
