@@ -7,7 +7,7 @@ Sources, in rising precedence:
 3. ``kv_connector_extra_config`` of vLLM's ``--kv-transfer-config``.
 
 Every value remembers where it came from, so ``kvoffload config`` can show it. A bad value, a negative
-size or an unknown key is a :class:`ConfigError` naming the key, the value and the accepted form: we
+size or an unknown key is a :class:`~kvoffload.errors.ConfigError` naming the key, the value and the accepted form: we
 never fall back to a default silently, because a cache that is quietly off looks exactly like a cache
 that does not help.
 """
@@ -62,7 +62,7 @@ LMCACHE_NOOP_KEYS = {"use_experimental", "track_usage", "log_level", "remote_ser
 
 
 class _Refused(ValueError):
-    """A parse failure that says why; the reason is added to the :class:`ConfigError` (Python's own text never is)."""
+    """A parse failure that says why; the reason is added to the :class:`~kvoffload.errors.ConfigError` (Python's own text never is)."""
 
 
 #: The host pool may take at most this share of the host's physical memory; the rest is for the operating
