@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -148,14 +149,9 @@ def test_disk_listing_runs_beside_the_step_loop(tmp_path: Path, monkeypatch: pyt
     lookup.close()
 
 
-def test_hit_sources_name_the_tier_each_loaded_token_came_from(tmp_path: Path) -> None:
-    """vLLM 0.32's ``vllm:prompt_tokens_cached_by_source`` is fed by the connector: a prefix prefetched from the
-    disk tier counts as disk for the load that brought it, and as the host pool for every later load."""
-    from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
-    from kvoffload.vllm import compat
-
-    engine = TPEngine(world_size=1, local_disk=str(tmp_path), max_local_disk_size=0.01)
+def _stored_on_disk(tmp_path: Path, **options: Any) -> tuple[TPEngine, Request, list[int]]:
+    """One rank with a disk tier that stored ``PROMPT`` (request "a", finished) and wrote it out."""
+    engine = TPEngine(world_size=1, local_disk=str(tmp_path), max_local_disk_size=0.01, **options)
     engine.step()  # the workers' layout arrives: stores planned from now on are written to disk
     a = Request("a", PROMPT)
     a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
@@ -163,6 +159,17 @@ def test_hit_sources_name_the_tier_each_loaded_token_came_from(tmp_path: Path) -
     engine.scheduler.request_finished(a, a_blocks)
     engine.step(finished={"a"})
     wait_idle(engine)
+    return engine, a, a_blocks
+
+
+def test_hit_sources_name_the_tier_each_loaded_token_came_from(tmp_path: Path) -> None:
+    """vLLM 0.32's ``vllm:prompt_tokens_cached_by_source`` is fed by the connector: a prefix prefetched from the
+    disk tier counts as disk for the load that brought it, and as the host pool for every later load."""
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    from kvoffload.vllm import compat
+
+    engine, _, _ = _stored_on_disk(tmp_path)
     assert engine.scheduler.reset_cache()  # the host pool forgets it: only the disk tier has the prefix
     need = len(PROMPT) - 1
 
@@ -217,14 +224,7 @@ def test_kv_events_announce_each_medium_with_vllm_block_hashes(tmp_path: Path) -
     every rank stored it and on STORAGE once written out; an eviction from the pool removes it from CPU only."""
     from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
-    engine = TPEngine(world_size=1, kv_events=True, local_disk=str(tmp_path), max_local_disk_size=0.01)
-    engine.step()
-    a = Request("a", PROMPT)
-    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
-    store_prompt(engine, a, a_blocks)
-    engine.scheduler.request_finished(a, a_blocks)
-    engine.step(finished={"a"})
-    wait_idle(engine)
+    engine, a, a_blocks = _stored_on_disk(tmp_path, kv_events=True)
     events = engine.scheduler.take_events()
     stored = {e.medium: [] for e in events}
     for event in events:
