@@ -1,12 +1,13 @@
 """Two vLLM instances sharing one Redis: instance B's TTFT for a prefix instance A computed, against recompute.
 
-Starts a local ``redis-server``, then two engines, one after the other, each in its own process with a CPU
+Starts a local ``redis-server`` (or, with ``--cluster``, a 3-master Redis Cluster), then two engines, one after the other, each in its own process with a CPU
 pool too small to matter. Instance A computes ``--prompts`` long prompts (written out to Redis); instance
 B, a fresh process with an empty pool, sends them again (loaded from Redis) and, in the same run, as many
 prompts of the same length that nobody computed before (recomputed). Printed: B's median TTFT of each kind
 and the ratio, and what B read from Redis (its tier's summary at shutdown).
 
     python benchmarks/shared_remote.py                       # the tiny test model (written to build/)
+    python benchmarks/shared_remote.py --cluster             # the same through a 3-master cluster
     python benchmarks/shared_remote.py --model /path/to/model --tokens 8000
 """
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--cluster", action="store_true", help="share a local 3-master Redis Cluster instead")
     parser.add_argument("--instance", help=argparse.SUPPRESS)  # internal: run one instance from a spec file
     args = parser.parse_args()
     if args.instance:
@@ -78,20 +80,22 @@ def main() -> None:
         from tests.tiny_model import write_tiny_model
         args.model = str(write_tiny_model(ROOT / "build" / "tiny-model"))
     sys.path.insert(0, str(ROOT))
+    from tests.redis_cluster import RedisCluster
     from tests.redis_server import RedisServer
 
     shared = [[(i * 31 + p * 7919) % 9000 + 40 for i in range(args.tokens)] for p in range(args.prompts)]
     fresh = [[(i * 17 + p * 104729) % 9000 + 40 for i in range(args.tokens)] for p in range(args.prompts)]
-    server = RedisServer()
+    server = RedisCluster() if args.cluster else RedisServer()
     server.start()
     try:
         run_instance(args, server.url, shared)  # instance A computes and writes out
         b = run_instance(args, server.url, shared + fresh)  # instance B: from Redis, then recomputed
     finally:
-        server.stop()
+        server.close()
     from_redis, recomputed = b["ttft"][:args.prompts], b["ttft"][args.prompts:]
     hit, miss = statistics.median(from_redis), statistics.median(recomputed)
-    print(f"model {args.model}, {args.prompts} prompts of {args.tokens} tokens, one redis-server")
+    print(f"model {args.model}, {args.prompts} prompts of {args.tokens} tokens, "
+          f"{'a 3-master Redis Cluster' if args.cluster else 'one redis-server'}")
     print(f"instance B, prefix computed by instance A, loaded from Redis: median TTFT {hit:.3f} s")
     print(f"instance B, prefix nobody computed, recomputed:             median TTFT {miss:.3f} s")
     print(f"ratio (recompute / from Redis): {miss / hit:.2f}x")
