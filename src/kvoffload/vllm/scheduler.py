@@ -243,8 +243,6 @@ class OffloadScheduler:
 
     def _decide(self, state: _Request, num_computed_tokens: int) -> Decision:
         """What to answer vLLM for this request now. Reads the index and the request; changes nothing."""
-        if self._awaiting_persistent():
-            return Decision(Answer.ASK_AGAIN)
         if any(self._prefetching(e) for e in state.waiting) and time.monotonic() < state.wait_deadline:
             return Decision(Answer.ASK_AGAIN)  # keeps its pins: what arrived must still be there when it is done
         chain = state.chain
@@ -269,6 +267,8 @@ class OffloadScheduler:
         state = self._state(request)
         if state is None:
             return 0, False
+        if self._awaiting_persistent():  # not part of the decision: it starts its own deadline
+            return None, False
         decision = self._decide(state, num_computed_tokens)
         if decision.answer is Answer.ASK_AGAIN:
             return None, False
