@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
@@ -41,12 +42,13 @@ PROMPT_BLOCKS = -(-len(PROMPT) // BLOCK)
 
 
 def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: bool = True,
-                kv_events: bool = False) -> Any:
+                kv_events: bool = False, cudagraph_mode: CUDAGraphMode = CUDAGraphMode.NONE) -> Any:
     return SimpleNamespace(
         kv_events_config=SimpleNamespace(enable_kv_cache_events=kv_events),
         parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
                                         pipeline_parallel_size=1),
         scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
+        compilation_config=SimpleNamespace(cudagraph_mode=cudagraph_mode), speculative_config=None,
         model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None),
         load_config=SimpleNamespace(load_format="dummy"),  # identified without files: see model_digest
         device_config=SimpleNamespace(device_type=device_type))
@@ -143,11 +145,12 @@ class TPEngine:
     """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
 
     def __init__(self, world_size: int = 2, device: str = "cpu", async_scheduling: bool = True,
-                 kv_events: bool = False, **extra: Any) -> None:
+                 kv_events: bool = False, cudagraph_mode: CUDAGraphMode = CUDAGraphMode.NONE, **extra: Any) -> None:
         """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path)."""
         settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
                                   / 1e9, **extra}, environ={})
-        config, kv_config = vllm_config(world_size, device, async_scheduling, kv_events), kv_cache_config()
+        config = vllm_config(world_size, device, async_scheduling, kv_events, cudagraph_mode)
+        kv_config = kv_cache_config()
         self.scheduler = OffloadScheduler(config, kv_config, settings)
         self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
         self.caches: list[torch.Tensor] = []

@@ -250,3 +250,56 @@ def test_kv_events_announce_each_medium_with_vllm_block_hashes(tmp_path: Path) -
     wait_idle(quiet)
     assert quiet.scheduler.take_events() == [] and quiet.scheduler.events._chunks == {}
     quiet.shutdown()
+
+
+def test_full_graph_steps_follow_vllms_cuda_graph_mode() -> None:
+    """Which steps vLLM may replay as a full CUDA graph (skipping the per-layer hooks), by graph mode: none
+    without full graphs, uniform decodes (one token, plus the speculative ones) in the default mode, every
+    step in mode FULL."""
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from kvoffload.vllm.identity import full_graph_query_len
+
+    def query_len(mode: CUDAGraphMode, speculative: int | None = None) -> float:
+        config = vllm_config(1, cudagraph_mode=mode)
+        if speculative is not None:
+            config.speculative_config = SimpleNamespace(num_speculative_tokens=speculative)
+        return full_graph_query_len(config)
+
+    assert query_len(CUDAGraphMode.NONE) == query_len(CUDAGraphMode.PIECEWISE) == 0
+    assert query_len(CUDAGraphMode.FULL_AND_PIECEWISE) == query_len(CUDAGraphMode.FULL_DECODE_ONLY) == 1
+    assert query_len(CUDAGraphMode.FULL_AND_PIECEWISE, speculative=3) == 4
+    assert query_len(CUDAGraphMode.FULL) == float("inf")
+
+
+@pytest.mark.parametrize("mode, layerwise", [("NONE", True), ("PIECEWISE", True), ("FULL_AND_PIECEWISE", False)])
+def test_a_load_in_a_step_vllm_may_replay_as_a_full_graph_is_in_before_the_forward(mode: str,
+                                                                                   layerwise: bool) -> None:
+    """A prompt found whole but for its last token computes one token: with full CUDA graphs (vLLM's default)
+    that step may be a graph replay that never calls ``wait_for_layer_load``, so a layer-by-layer load would be
+    read before it arrived. Its load must then be ordered whole before the forward (``layerwise=False``), and
+    stay layer by layer where the hooks run. The prompt's own store, a prefill, keeps the hooks in every mode."""
+    from vllm.config import CUDAGraphMode
+
+    engine = TPEngine(world_size=1, cudagraph_mode=CUDAGraphMode[mode])
+    plans: list[Any] = []
+    build = engine.scheduler.build_connector_meta
+    engine.scheduler.build_connector_meta = lambda output: plans.append(build(output)) or plans[-1]
+    try:
+        store_prompt(engine, Request("first", PROMPT), list(range(1, 1 + PROMPT_BLOCKS)))
+        assert plans[-1].stores and plans[-1].layer_hooks
+        wait_idle(engine)
+        worker = engine.workers[0]
+        worker._layerwise = True  # as once a forward announced every layer
+        asked: list[bool] = []
+        load_sync = worker.backend.load_sync
+        worker.backend.load_sync = lambda *copy_list, layerwise: asked.append(layerwise) or load_sync(
+            *copy_list, layerwise=layerwise)
+        blocks = engine.load_repeat("again", 1 + PROMPT_BLOCKS)
+        assert asked == [layerwise]
+        engine.synchronize()
+        assert torch.equal(engine.pages(0, blocks[:-1]), engine.pages(0, list(range(1, PROMPT_BLOCKS))))
+    finally:
+        engine.shutdown()

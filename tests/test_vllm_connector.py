@@ -120,9 +120,10 @@ def test_plugin_registration_is_idempotent() -> None:
     assert "KVOffloadConnector" in KVConnectorFactory._registry
 
 
-def test_vllm_turns_full_cuda_graphs_off_for_the_connector() -> None:
-    """vLLM asks the class it resolves from the connector name; True makes it capture piecewise graphs only, so
-    the per-layer hooks that order layer-by-layer loads run in every step (a full graph would skip them)."""
+def test_vllm_keeps_full_cuda_graphs_with_the_connector() -> None:
+    """vLLM asks the class it resolves from the connector name; True would make it capture piecewise graphs
+    only. The connector needs none: in steps vLLM may replay as a full graph its loads are in before the
+    forward (tests/test_scheduler_paths.py)."""
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
@@ -131,20 +132,20 @@ def test_vllm_turns_full_cuda_graphs_off_for_the_connector() -> None:
     register()
     config = KVTransferConfig(kv_connector="KVOffloadConnector", kv_role="kv_both")
     connector = KVConnectorFactory.get_connector_class(config)
-    assert connector.requires_piecewise_for_cudagraph(config.kv_connector_extra_config) is True
+    assert connector.requires_piecewise_for_cudagraph(config.kv_connector_extra_config) is False
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prompt_found_whole_is_answered_right_with_cuda_graphs(tiny_model: str) -> None:
     """Without ``--enforce-eager``, a step whose only request computes one token (a prompt found whole but for
-    its last token) is one vLLM would run as a full CUDA graph, which skips the hooks that order a
-    layer-by-layer load. With piecewise graphs (asked for by the connector, said so by vLLM) the answer is the
-    same as without kvoffload."""
+    its last token) is one vLLM runs as a full CUDA graph, which skips the hooks that order a layer-by-layer
+    load. vLLM keeps its full graphs (it does not fall back to piecewise for the connector), and the answer is
+    the same as without kvoffload: that step's load is in before the forward."""
     graphs = {"enforce_eager": False, "max_num_batched_tokens": 2048}
     baseline = run_engine({"model": tiny_model, "prompts": [OTHER], "rounds": 1, "engine": graphs})
     run = run_engine({"model": tiny_model, "prompts": [OTHER], "rounds": 2, "engine": graphs, "connector": "plugin"})
-    assert "requires PIECEWISE CUDA graph mode" in run.log
+    assert "requires PIECEWISE CUDA graph mode" not in run.log
     assert run.hit_tokens()[-1] == len(OTHER.split()) - 1
     for outputs in run.rounds:
         assert_same_greedy(outputs, baseline)

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from typing import Any
 
 from kvoffload.config import ConfigError, Settings
@@ -36,6 +37,27 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise UnsupportedModel("kvoffload does not support pipeline parallelism yet; use tensor parallelism or run "
                                "without --kv-transfer-config")
+
+
+def full_graph_query_len(vllm_config: Any) -> float:
+    """The most tokens one request of a step may compute for vLLM to replay a *full* CUDA graph for the step
+    (0: never, ``inf``: in every step).
+
+    A full graph replays the attention layers without calling the per-layer hooks (``wait_for_layer_load``,
+    ``save_kv_layer``), so a load in such a step must be in before the forward starts and its stores go out
+    after it. vLLM replays one, in its default mode (``FULL_AND_PIECEWISE``) and in ``FULL_DECODE_ONLY``, for a
+    batch of uniform decodes: every request computes one token, plus its speculative tokens (0.32's V2 runner
+    also takes mixes of 1 to that many); in mode ``FULL``, for any batch it captured. The answer is an upper
+    bound, so a step it names may still run piecewise: the loads then only skip the overlap with the forward."""
+    from vllm.config import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is None or not mode.has_full_cudagraphs():
+        return 0
+    if mode.mixed_mode() == CUDAGraphMode.FULL:
+        return math.inf
+    speculative = vllm_config.speculative_config
+    return 1 + (speculative.num_speculative_tokens if speculative is not None else 0)
 
 
 def slots_per_worker(settings: Settings, world_size: int, slot_bytes: int) -> int:

@@ -60,6 +60,9 @@ class StepPlan(KVConnectorMetadata):
     stores: list[RequestCopies] = field(default_factory=list)
     prefetches: list[Prefetch] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # Whether the step's forward calls the per-layer hooks; False where vLLM may replay a full CUDA graph
+    # (kvoffload.vllm.identity.full_graph_query_len): the step's loads are then in before its forward starts.
+    layer_hooks: bool = True
 
     def is_empty(self) -> bool:
         return not (self.loads or self.stores or self.prefetches or self.preempted)

@@ -63,6 +63,7 @@ from kvoffload.vllm.events import ChunkEvents
 from kvoffload.vllm.identity import (
     adapter_digest,
     check_supported,
+    full_graph_query_len,
     model_fingerprint,
     pages_per_chunk,
     slots_per_worker,
@@ -174,6 +175,7 @@ class OffloadScheduler:
         # Blocks the loads admitted in one step may fill (see the module docstring).
         self._step_load_cap = kv_cache_config.num_blocks // 2 if vllm_config.scheduler_config.async_scheduling \
             else None
+        self._full_graph_query_len = full_graph_query_len(vllm_config)
         self._evictions_seen = 0
         self.stats = KVOffloadStats()
         logger.info("kvoffload: host pool of %d chunk slots (%.2f GB per worker, %d tokens per chunk, "
@@ -467,6 +469,7 @@ class OffloadScheduler:
         plan = StepPlan(slot_bytes=self.slot_bytes, loads=self._loads, prefetches=self._prefetches)
         self._loads, self._prefetches = [], []
         self._running.update(scheduler_output.num_scheduled_tokens)
+        plan.layer_hooks = max(scheduler_output.num_scheduled_tokens.values(), default=1) > self._full_graph_query_len
         for req_id in scheduler_output.preempted_req_ids or ():  # fields checked at start (kvoffload.vllm.compat)
             self._running.discard(req_id)
             state = self._requests.get(req_id)

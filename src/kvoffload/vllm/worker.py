@@ -187,7 +187,8 @@ class OffloadWorker:
         sync = [copies for copies in plan.loads if copies.sync]
         if sync:  # first, so that the forward waiting for them never waits behind an asynchronous load
             backend = self._copy_path()
-            batch = self._issue(sync, functools.partial(backend.load_sync, layerwise=self._layerwise))
+            layerwise = self._layerwise and plan.layer_hooks
+            batch = self._issue(sync, functools.partial(backend.load_sync, layerwise=layerwise))
             batch.sync = True
             self._loads.append(batch)
         for copies in plan.loads:  # one fence per request: each one runs as soon as its own bytes are in
