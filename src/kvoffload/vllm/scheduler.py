@@ -38,6 +38,14 @@ no other load is in flight (the running requests' forward waits for one load at 
 otherwise, and always while an asynchronous load is in flight, so that no forward waits behind a queue
 of loads.
 
+Models of several KV cache groups (vLLM's hybrid KV cache manager: full and sliding-window attention layers):
+a chunk keeps one key (its token prefix) and one slot, in which every group has its own pages
+(:class:`~kvoffload.vllm.identity.SlotLayout`). A store lists each group's blocks of the chunk that the slot keeps
+(a sliding-window group's pages of the window at the chunk's end, the only ones still allocated), a load each
+group's blocks vLLM allocated for the hit (a sliding-window group's blocks below the window are vLLM's null
+block and are left alone). Each copy-list entry names a block and a slot page, and the workers copy every layer
+tensor of it: the groups' layers overlay the same tensors, so a block holds exactly its group's KV.
+
 How much one step loads: with asynchronous scheduling vLLM plans step *N+1* while step *N* runs, so the loads
 it admits then queue right behind step *N*'s on the copy engine, which stays busy across the step boundary.
 That needs free GPU blocks while step *N*'s loads hold theirs: the loads admitted in one step take at most
