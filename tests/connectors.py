@@ -58,3 +58,23 @@ class KeyLogConnector(KVOffloadConnector):
             with open(os.environ["KVO_TEST_KEY_LOG"], "a") as log:
                 log.write(json.dumps({"prompt": list(request.prompt_token_ids[:8]), "keys": keys}) + "\n")
         return result
+
+
+class ZeroSlidingLoadConnector(KVOffloadConnector):
+    """Hybrid-model negative control: loads every group as the real connector does, then zeroes the blocks it
+    loaded for the sliding-window groups (their window). If those pages did not matter, or were not the ones the
+    model reads, outputs would stay the same."""
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        super().start_load_kv(forward_context, **kwargs)  # on a CPU cache the copies are done on return
+        plan, worker = self._bound_plan(), self._worker
+        if plan is None:
+            return
+        sliding = [(g.first_page, g.first_page + g.num_pages) for g in worker.slot_layout.groups
+                   if g.window is not None]
+        ids = [block for copies in plan.loads for chunk in copies.chunks
+               for block, page in zip(chunk.block_ids, chunk.page_list())
+               if any(first <= page < end for first, end in sliding)]
+        if ids:
+            for layer in worker.kv.layers:
+                layer[torch.tensor(ids, dtype=torch.int64)] = 0

@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 
 from kvoffload.config import load_settings  # noqa: E402
 from kvoffload.vllm.worker import OffloadWorker  # noqa: E402
-from tests.harness import (CHUNK, PROMPT, PROMPT_BLOCKS, Blocks, CachedRequestData, Request, SchedulerOutput,  # noqa: E402
+from tests.harness import (BLOCK, CHUNK, HEAD, PROMPT, PROMPT_BLOCKS, Blocks, CachedRequestData, Request, SchedulerOutput,  # noqa: E402
                            TPEngine, kv_cache_config, schedule_new, store_prompt, vllm_config, wait_idle)
 
 
@@ -193,7 +193,8 @@ def test_hit_sources_name_the_tier_each_loaded_token_came_from(tmp_path: Path) -
 
 def test_models_kvoffload_cannot_offload_are_refused_with_the_reason() -> None:
     """A state-space model (vLLM's ``MambaSpec``; here Mamba-2's shapes) died with an AttributeError in the model
-    fingerprint; several KV cache groups and pipeline parallelism were refused by one side only. Both sides now
+    fingerprint; KV cache groups other than full or sliding-window attention and pipeline parallelism were refused
+    by one side only. Both sides now
     refuse each at start, saying why and that the model runs without the connector."""
     from types import SimpleNamespace
 
@@ -206,12 +207,16 @@ def test_models_kvoffload_cannot_offload_are_refused_with_the_reason() -> None:
     mamba = SimpleNamespace(num_blocks=8, kv_cache_groups=[SimpleNamespace(
         layer_names=["l0"], kv_cache_spec=MambaSpec(block_size=4096, shapes=((3, 160), (8, 16, 16)),
                                                     dtypes=(torch.bfloat16, torch.float32)))])
-    two_groups = kv_cache_config()
-    two_groups.kv_cache_groups = two_groups.kv_cache_groups * 2
+    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec
+    two_groups = kv_cache_config()  # a hybrid of full and chunked-local attention (Llama-4): not a sliding window
+    local = ChunkedLocalAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=HEAD, dtype=torch.float32,
+                                      attention_chunk_size=64)
+    two_groups.kv_cache_groups = two_groups.kv_cache_groups + [SimpleNamespace(layer_names=["l2", "l3"],
+                                                                              kv_cache_spec=local)]
     pipeline = vllm_config(1)
     pipeline.parallel_config.pipeline_parallel_size = 2
     for config, kv_config, reason in ((vllm_config(1), mamba, "Mamba/linear-attention state"),
-                                      (vllm_config(1), two_groups, "one KV cache group, this one has 2"),
+                                      (vllm_config(1), two_groups, "groups include ChunkedLocalAttentionSpec"),
                                       (pipeline, kv_cache_config(), "pipeline parallelism")):
         for side in (OffloadScheduler, OffloadWorker):
             with pytest.raises(UnsupportedModel, match=reason) as refused:

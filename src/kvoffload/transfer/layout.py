@@ -56,5 +56,5 @@ def paged_kv(tensors: list[torch.Tensor], num_blocks: int) -> PagedKV:
     views = tuple(page_view(t, num_blocks) for t in tensors)
     sizes = {v.shape[1] for v in views}
     if len(sizes) != 1:
-        raise UnsupportedLayout(f"layers have different page sizes {sorted(sizes)}; hybrid models are not supported")
+        raise UnsupportedLayout(f"layers have different page sizes {sorted(sizes)}; kvoffload needs one page size")
     return PagedKV(layers=views, page_bytes=sizes.pop())

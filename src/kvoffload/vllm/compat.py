@@ -27,6 +27,12 @@ Differences that need no code here (read in each release's ``kv_connector/v1/bas
 the workers copy with the device's own engines), ``may_load_async`` (False: only vLLM's
 ``--max-num-inflight-kv-loads`` queue reads it) and its model-runner mixin's move to ``v1/worker/{gpu,cpu}/``
 (kvoffload imports no mixin). The abstract methods are the same seven in 0.26 to 0.34.
+
+The hybrid KV cache manager (several KV cache groups): ``SupportsHMA.request_finished_all_groups`` and per-group
+block ids (tuples) in ``NewRequestData.block_ids`` / ``CachedRequestData.new_block_ids`` are the same in 0.26 to
+0.34. 0.32 added ``get_loaded_kv_cache_group_ids`` (the groups whose blocks an asynchronous load writes, which vLLM
+then does not zero) and ``supports_divergent_local_hybrid_hits``; the connector defines the first (every group),
+keeps the base class's False for the second, and earlier releases never call either.
 """
 
 from __future__ import annotations
@@ -125,6 +131,10 @@ def model_runner_output(req_ids: list[str], sampled_token_ids: list[list[int]],
     return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled_token_ids,
                              kv_connector_output=kv_connector_output, **extra)
 
+
+#: vLLM's null block: ``BlockPool`` takes block 0 from its free queue at start (every release 0.26 to 0.34, read in
+#: ``v1/core/block_pool.py``), and the sliding-window manager puts it where a request's blocks left the window.
+NULL_BLOCK_ID = 0
 
 #: ``Entry.origin`` (the host pool, or the persistent tier a prefetch read from) -> vLLM's name for it. vLLM
 #: has no "remote" source: Redis/Valkey is its ``external_unspecified``.

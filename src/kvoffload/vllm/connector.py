@@ -21,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from kvoffload.config import load_settings
@@ -39,7 +40,13 @@ route_through_vllm()
 logger = logging.getLogger("kvoffload")
 
 
-class KVOffloadConnector(KVConnectorBase_V1):
+class KVOffloadConnector(KVConnectorBase_V1, SupportsHMA):
+    """``SupportsHMA``: vLLM keeps its hybrid KV cache manager on with kvoffload. A model of full and
+    sliding-window attention layers then has several KV cache groups and its sliding-window layers keep only their
+    window (without ``SupportsHMA`` vLLM turns the manager off and they keep the whole context, as with
+    ``--disable-hybrid-kv-cache-manager``); kvoffload stores per group what a load needs
+    (:class:`kvoffload.vllm.identity.SlotLayout`) and refuses the groups it cannot store (Mamba state) at start."""
+
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = load_settings(self._kv_transfer_config.kv_connector_extra_config)
@@ -72,6 +79,18 @@ class KVOffloadConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request: Any,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """What vLLM calls instead of ``request_finished`` since the connector is ``SupportsHMA`` (every model,
+        one group or several)."""
+        assert self._scheduler is not None
+        return self._scheduler.request_finished_all_groups(request, tuple(block_ids))
+
+    def get_loaded_kv_cache_group_ids(self, request: Any) -> tuple[int, ...]:
+        """vLLM 0.32+: a load fills every KV cache group's blocks of the hit, so vLLM must zero none of them
+        (an asynchronous load writes them after this step; the base class names only prefix-cacheable groups)."""
+        return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
         """vLLM 0.32+: where the tokens of the load just planned come from (host pool, disk, Redis), for

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from kvoffload.config import ConfigError, Settings
@@ -21,8 +22,9 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
     """Refuse, at engine start and with the reason, a model whose KV cache kvoffload cannot offload.
 
     Both sides call it before anything else: without it a state-space model got as far as the fingerprint
-    (``MambaSpec`` has no ``dtype``) and died with an ``AttributeError``, and a hybrid model with several KV
-    cache groups would be offloaded as if it had one."""
+    (``MambaSpec`` has no ``dtype``) and died with an ``AttributeError``. Several KV cache groups (vLLM's hybrid
+    KV cache manager) are offloaded when every group is full or sliding-window attention with one block size
+    and page size (see :class:`SlotLayout`); other kinds of groups are refused by name."""
     from vllm.v1.kv_cache_interface import MambaSpec
 
     groups = kv_cache_config.kv_cache_groups
@@ -30,10 +32,18 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
         raise UnsupportedModel("kvoffload cannot offload this model: it keeps Mamba/linear-attention state caches "
                                "(state-space or Gated-DeltaNet layers), which kvoffload does not store yet; run it "
                                "without --kv-transfer-config")
-    if len(groups) != 1:
-        raise UnsupportedModel(f"kvoffload supports models with one KV cache group, this one has {len(groups)} "
-                               "(hybrid attention); run it without --kv-transfer-config, or keep vLLM's hybrid KV "
-                               "cache manager off (--disable-hybrid-kv-cache-manager) so that it has one group")
+    if len(groups) > 1:
+        kinds = [type(group.kv_cache_spec).__name__ for group in groups]
+        odd = sorted({kind for kind in kinds if kind not in _FULL_SPECS + _SLIDING_SPECS})
+        if odd:
+            raise UnsupportedModel(f"kvoffload cannot offload this hybrid model: its KV cache groups include "
+                                   f"{', '.join(odd)}, and kvoffload offloads only full and sliding-window attention "
+                                   "groups; run it without --kv-transfer-config")
+        shapes = {(group.kv_cache_spec.block_size, group.kv_cache_spec.page_size_bytes) for group in groups}
+        if len(shapes) != 1:
+            raise UnsupportedModel(f"kvoffload cannot offload this hybrid model: its KV cache groups have different "
+                                   f"block or page sizes {sorted(shapes)}; run it without --kv-transfer-config, or "
+                                   "with --disable-hybrid-kv-cache-manager")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise UnsupportedModel("kvoffload does not support pipeline parallelism yet; use tensor parallelism or run "
                                "without --kv-transfer-config")
@@ -58,6 +68,112 @@ def full_graph_query_len(vllm_config: Any) -> float:
         return math.inf
     speculative = vllm_config.speculative_config
     return 1 + (speculative.num_speculative_tokens if speculative is not None else 0)
+#: KV cache spec classes (by name, the same in every supported vLLM release) of full-attention groups, and of
+#: sliding-window groups, which kvoffload offloads in a model of several groups. Subclasses with other freeing
+#: rules (``RSWASpec`` evicts a middle gap, ``SinkFullAttentionSpec``, chunked-local and circular-buffer groups)
+#: are not in either list and are refused: which of their blocks a load must fill is not what :class:`SlotLayout`
+#: computes.
+_FULL_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
+_SLIDING_SPECS = ("SlidingWindowSpec", "SlidingWindowMLASpec")
+
+
+@dataclass(frozen=True)
+class GroupSlot:
+    """Where one KV cache group's pages of a chunk live in a host slot."""
+
+    group: int
+    window: int | None  # sliding window in tokens (with vLLM's extra retained tokens); None: full attention
+    first_page: int  # slot page of this group's first page
+    num_pages: int  # slot pages this group has
+
+    def stored_pages(self, chunk_pages: int, chunk_tokens: int, block_size: int) -> range:
+        """The pages of a chunk (chunk page indexes) this group keeps in the slot.
+
+        Full attention: all of them. Sliding window: the pages holding the ``window`` tokens before the chunk's
+        end boundary (``chunk_tokens`` into it), one token more than the window: a load that ends at that boundary
+        reads the window of its next token, ``window - 1`` tokens, and a load of a whole prompt ends one token
+        short of it (vLLM computes the last token). Those are the only pages of the group vLLM allocates for such a
+        load (``SlidingWindowManager``: the blocks below the window are the null block), and the only ones still
+        allocated when the chunk is stored: vLLM frees the blocks that left the window as the prefill advances. A
+        load ending at a later boundary reads this chunk's pages that are in its own window, a subset of these."""
+        if self.window is None:
+            return range(chunk_pages)
+        return range(max(0, (chunk_tokens - self.window) // block_size), chunk_pages)
+
+    def slot_page(self, chunk_pages: int, page: int) -> int:
+        """The slot page of chunk page ``page``: a sliding group keeps the last ``num_pages`` pages of the chunk."""
+        return self.first_page + page - max(0, chunk_pages - self.num_pages)
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """What a host slot holds for one chunk, computed alike by the scheduler and the workers.
+
+    A slot is ``(num_layers, pages_per_slot, page_bytes)``: ``num_layers`` memory tensors of vLLM's KV cache
+    (with the hybrid manager, the layers of all groups overlay the same tensors, a block id belonging to one
+    group at a time, so a group's block is copied across every tensor like a one-group model's), and per group
+    the pages it needs (:meth:`GroupSlot.stored_pages`), one group after the other. With one group this is
+    exactly the one-group layout of earlier releases (``pages_per_chunk`` pages, bytes unchanged on disk).
+
+    A sliding-window group takes ``min(pages_per_chunk, ceil(window / block) + 1)`` pages (the window at an
+    unaligned end, a prompt's last chunk, spans one page more): less than a full group only when the window is
+    shorter than a chunk (gpt-oss: 128 tokens, 16-token GPU blocks, 256-token chunks: 9 pages of 16). A model of
+    several groups persists whole slots (``payload_pages``): a partial chunk's pages are no longer one prefix.
+
+    Why not key each group's pages apart (as vLLM's native offloading does, a key per block hash and group): one
+    key per chunk keeps one lookup, one pin and one disk file per chunk, and a chunk is loadable only when every
+    group's pages of it are in, which is what a hit needs."""
+
+    groups: tuple[GroupSlot, ...]
+    pages_per_chunk: int
+    block_size: int
+    num_layers: int
+    page_bytes: int
+
+    @property
+    def pages_per_slot(self) -> int:
+        return sum(group.num_pages for group in self.groups)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.num_layers * self.pages_per_slot * self.page_bytes
+
+    @property
+    def compact(self) -> bool:
+        """Whether a chunk's pages are not simply the first pages of the slot (several groups, or a window
+        shorter than a chunk): then a partial chunk is persisted as a whole slot."""
+        return len(self.groups) > 1 or self.groups[0].num_pages != self.pages_per_chunk
+
+    def payload_pages(self, chunk_pages: int) -> int:
+        """Slot pages a persistent tier keeps for a chunk of ``chunk_pages`` pages."""
+        return self.pages_per_slot if self.compact else chunk_pages
+
+    def describe(self) -> str:
+        """Per group what is offloaded, for the start log line."""
+        token_bytes = self.num_layers * self.page_bytes / self.block_size
+        parts = [f"group {g.group}: " + ("full attention" if g.window is None else f"sliding window {g.window}")
+                 + f", {g.num_pages} pages per chunk" for g in self.groups]
+        return "; ".join(parts) + f"; {token_bytes:.0f} bytes per token and group"
+
+
+def slot_layout(settings: Settings, kv_cache_config: Any) -> SlotLayout:
+    """The :class:`SlotLayout` of this engine's KV cache (call :func:`check_supported` first)."""
+    groups = kv_cache_config.kv_cache_groups
+    spec = groups[0].kv_cache_spec
+    per_chunk = pages_per_chunk(settings, kv_cache_config)
+    slots: list[GroupSlot] = []
+    first = 0
+    for index, group in enumerate(groups):
+        window = None
+        if type(group.kv_cache_spec).__name__ in _SLIDING_SPECS:
+            window = group.kv_cache_spec.sliding_window + getattr(group.kv_cache_spec, "extra_retained_tokens", 0)
+        pages = per_chunk if window is None else min(per_chunk, -(-window // spec.block_size) + 1)
+        slots.append(GroupSlot(group=index, window=window, first_page=first, num_pages=pages))
+        first += pages
+    # With the hybrid manager every group has as many layers as there are memory tensors (vLLM pads groups).
+    num_layers = max(len(group.layer_names) for group in groups)
+    return SlotLayout(groups=tuple(slots), pages_per_chunk=per_chunk, block_size=spec.block_size,
+                      num_layers=num_layers, page_bytes=spec.page_size_bytes)
 
 
 def slots_per_worker(settings: Settings, world_size: int, slot_bytes: int) -> int:

@@ -32,6 +32,16 @@ class ChunkCopy:
     # A load whose chunk is still in vLLM blocks that a finished request holds for its stores: copy
     # source_block_ids[i] -> block_ids[i] on the device instead of from the slot (see the scheduler).
     source_block_ids: list[int] | None = None
+    # The slot page of each of block_ids when they are not first_page, first_page + 1, ...: a model of several
+    # KV cache groups (the hybrid manager) lists every group's blocks of the chunk one after the other, each group
+    # at its own pages of the slot (kvoffload.vllm.identity.SlotLayout). None for one group: the plan is as before.
+    pages: list[int] | None = None
+
+    def page_list(self) -> list[int]:
+        """The slot page of each of ``block_ids``."""
+        if self.pages is not None:
+            return self.pages
+        return list(range(self.first_page, self.first_page + len(self.block_ids)))
 
 
 @dataclass

@@ -38,6 +38,14 @@ no other load is in flight (the running requests' forward waits for one load at 
 otherwise, and always while an asynchronous load is in flight, so that no forward waits behind a queue
 of loads.
 
+Models of several KV cache groups (vLLM's hybrid KV cache manager: full and sliding-window attention layers):
+a chunk keeps one key (its token prefix) and one slot, in which every group has its own pages
+(:class:`~kvoffload.vllm.identity.SlotLayout`). A store lists each group's blocks of the chunk that the slot keeps
+(a sliding-window group's pages of the window at the chunk's end, the only ones still allocated), a load each
+group's blocks vLLM allocated for the hit (a sliding-window group's blocks below the window are vLLM's null
+block and are left alone). Each copy-list entry names a block and a slot page, and the workers copy every layer
+tensor of it: the groups' layers overlay the same tensors, so a block holds exactly its group's KV.
+
 How much one step loads: with asynchronous scheduling vLLM plans step *N+1* while step *N* runs, so the loads
 it admits then queue right behind step *N*'s on the copy engine, which stays busy across the step boundary.
 That needs free GPU blocks while step *N*'s loads hold theirs: the loads admitted in one step take at most
@@ -65,7 +73,7 @@ from kvoffload.vllm.identity import (
     check_supported,
     full_graph_query_len,
     model_fingerprint,
-    pages_per_chunk,
+    slot_layout,
     slots_per_worker,
 )
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
@@ -120,7 +128,7 @@ class _Request:
     prompt_keys: list[bytes]  # keys of the prompt's whole chunks
     tail_key: bytes | None  # key of the prompt's last, partial chunk
     decode_keys: list[bytes] = field(default_factory=list)  # whole chunks beyond the prompt
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group, in token order
     next_chunk: int = 0
     tail_done: bool = False
     stored_any: bool = False
@@ -134,7 +142,8 @@ class _Request:
     answer: tuple[int, int] | None = None  # (hit, need) of the last lookup, logged once vLLM admits the request
     load_async: bool = False  # how the promised load runs (see the module docstring)
     waited: bool = False
-    stored_blocks: dict[bytes, list[int]] = field(default_factory=dict)  # chunk -> its blocks, for stores planned
+    # chunk -> per KV cache group {chunk page: block} of the stores planned (what a finished request may hold)
+    stored_blocks: dict[bytes, list[dict[int, int]]] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)  # tokens of the planned load by origin (Entry.origin)
 
     @property
@@ -145,14 +154,13 @@ class _Request:
 class OffloadScheduler:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, settings: Settings) -> None:
         check_supported(vllm_config, kv_cache_config)
-        group = kv_cache_config.kv_cache_groups[0]
-        spec = group.kv_cache_spec
         self.settings = settings
-        self.block_size = spec.block_size
+        self.layout = slot_layout(settings, kv_cache_config)
+        self.block_size = self.layout.block_size
         self.chunk_size = settings.chunk_size
-        self.pages_per_chunk = pages_per_chunk(settings, kv_cache_config)
+        self.pages_per_chunk = self.layout.pages_per_chunk
         self.world_size = vllm_config.parallel_config.world_size
-        self.slot_bytes = len(group.layer_names) * self.pages_per_chunk * spec.page_size_bytes
+        self.slot_bytes = self.layout.slot_bytes
         num_slots = slots_per_worker(settings, self.world_size, self.slot_bytes)
         self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
         self.events = ChunkEvents(vllm_config, self.block_size)
@@ -162,8 +170,8 @@ class OffloadScheduler:
         self._persistent_gave_up = False
         self._requests: dict[str, _Request] = {}
         # Chunks still in the blocks of finished requests that vLLM keeps for their stores: key -> (request,
-        # blocks), and request -> keys, until the request comes back in finished_sending.
-        self._held: dict[bytes, tuple[str, list[int]]] = {}
+        # per group {chunk page: block}), and request -> keys, until the request comes back in finished_sending.
+        self._held: dict[bytes, tuple[str, list[dict[int, int]]]] = {}
         self._held_keys: dict[str, list[bytes]] = {}
         self._ops: dict[int, _Op] = {}  # planned and not yet reported by every worker
         self._next_op = 0
@@ -390,8 +398,7 @@ class OffloadScheduler:
                     state.waiting.add(entry)
                 continue
             index = first + position
-            num_pages = self.pages_per_chunk if index < len(state.prompt_keys) else math.ceil(
-                (state.request.num_prompt_tokens - index * self.chunk_size) / self.block_size)
+            num_pages = self.layout.payload_pages(math.ceil(self._chunk_tokens(state, index) / self.block_size))
             entry = self.index.prepare(key, num_pages, SlotState.PREFETCHING)
             if entry is None:
                 short = present - position
@@ -426,7 +433,7 @@ class OffloadScheduler:
             return
         first_token, end_token, entries = state.hit
         state.hit = None
-        block_ids = blocks.get_block_ids()[0]
+        group_blocks = blocks.get_block_ids()
         first_block, end_block = first_token // self.block_size, math.ceil(end_token / self.block_size)
         first_chunk = first_block // self.pages_per_chunk
         copies: list[ChunkCopy] = []
@@ -438,10 +445,12 @@ class OffloadScheduler:
             base = (first_chunk + position) * self.pages_per_chunk
             first, end = max(first_block, base) - base, min(end_block, base + self.pages_per_chunk) - base
             held = self._held.get(entry.key)
-            copies.append(ChunkCopy(op=self._start(OpKind.LOAD, entry), slot=entry.slot,
-                                    block_ids=block_ids[base + first:base + end], first_page=first,
-                                    num_pages=entry.num_pages,
-                                    source_block_ids=held[1][first:end] if held else None))
+            block_ids, pages, sources = self._load_pages(state, group_blocks, first_chunk + position, first, end,
+                                                         held[1] if held else None)
+            copies.append(ChunkCopy(op=self._start(OpKind.LOAD, entry), slot=entry.slot, block_ids=block_ids,
+                                    first_page=pages[0] if pages else first, num_pages=entry.num_pages,
+                                    source_block_ids=sources,
+                                    pages=pages if self.layout.compact else None))
             chunk_start = (first_chunk + position) * self.chunk_size
             tokens = min(end_token, chunk_start + self.chunk_size) - max(first_token, chunk_start)
             state.sources[entry.origin] = state.sources.get(entry.origin, 0) + tokens
@@ -452,6 +461,44 @@ class OffloadScheduler:
         if state.load_async:
             self._async_loads.add(request.request_id)
         self._release(state)  # the loads hold their own pins now
+
+    def _chunk_tokens(self, state: _Request, index: int) -> int:
+        """Tokens of chunk ``index`` of the request's chain (a prompt's last chunk may be partial)."""
+        return min(self.chunk_size, state.request.num_prompt_tokens - index * self.chunk_size) \
+            if index >= len(state.prompt_keys) else self.chunk_size
+
+    def _load_pages(self, state: _Request, group_blocks: Any, index: int, first: int, end: int,
+                    held: list[dict[int, int]] | None) -> tuple[list[int], list[int], list[int] | None]:
+        """The blocks to fill from chunk ``index``'s slot (pages ``first`` to ``end`` of the chunk), every KV cache
+        group's one after the other, their slot pages, and the held blocks to copy them from instead (or None).
+
+        A sliding-window group gets only the blocks vLLM allocated: those below the window of the load's next token
+        are vLLM's null block, never written (kvoffload.vllm.compat.NULL_BLOCK_ID). What it did allocate is within
+        the pages stored for the chunk (``GroupSlot.stored_pages``); anything else would load bytes that were
+        never stored, so it is refused loudly."""
+        chunk_tokens = self._chunk_tokens(state, index)
+        chunk_pages = math.ceil(chunk_tokens / self.block_size)
+        base = index * self.pages_per_chunk
+        block_ids: list[int] = []
+        pages: list[int] = []
+        sources: list[int] | None = [] if held is not None else None
+        for group in self.layout.groups:
+            ids = group_blocks[group.group]
+            stored = group.stored_pages(chunk_pages, chunk_tokens, self.block_size)
+            for page in range(first, end):
+                block = ids[base + page]
+                if group.window is not None and block == compat.NULL_BLOCK_ID:
+                    continue
+                if page not in stored:
+                    raise RuntimeError(f"kvoffload: vLLM allocated page {page} of chunk {index} of request "
+                                       f"{state.request.request_id} in KV cache group {group.group}, which kvoffload "
+                                       "did not store; please report this")
+                block_ids.append(block)
+                pages.append(group.slot_page(chunk_pages, page))
+                if sources is not None:
+                    source = held[group.group].get(page) if held is not None else None
+                    sources = None if source is None else sources + [source]
+        return block_ids, pages, sources
 
     def hit_sources(self, request: Any) -> dict[str, int]:
         """Tokens of the load just planned for ``request`` by where they came from: ``Entry.origin`` names."""
@@ -481,7 +528,7 @@ class OffloadScheduler:
             state = self._requests.get(new.req_id)
             if state is None:
                 continue
-            state.block_ids = list(new.block_ids[0])  # from 0.34 also a resumed request's (kvoffload.vllm.compat)
+            state.block_ids = [list(ids) for ids in new.block_ids]  # from 0.34 also a resumed request's (compat)
             state.stored_blocks = {}
             self._plan_stores(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id],
                               plan)
@@ -493,10 +540,13 @@ class OffloadScheduler:
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in resumed:
-                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+                state.block_ids = [list(ids) for ids in new_ids] if new_ids is not None else []
                 state.stored_blocks = {}
             elif new_ids is not None:
-                state.block_ids.extend(new_ids[0])
+                if not state.block_ids:
+                    state.block_ids = [[] for _ in new_ids]
+                for group_ids, ids in zip(state.block_ids, new_ids):
+                    group_ids.extend(ids)
             self._plan_stores(state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id],
                               plan)
         self.stats.set("pool_used_bytes", self.index.used_slots * self.slot_bytes)
@@ -528,24 +578,44 @@ class OffloadScheduler:
                 self.index.touch(known)
                 continue
             num_pages = math.ceil(num_tokens / self.block_size)
-            first_block = start // self.block_size
-            block_ids = state.block_ids[first_block:first_block + num_pages]
-            if len(block_ids) < num_pages:
+            stored = self._store_pages(state, start // self.block_size, num_pages, num_tokens)
+            if stored is None:
                 break
-            entry = self.index.prepare(key, num_pages, SlotState.STORING)
+            block_ids, pages, by_group = stored
+            entry = self.index.prepare(key, self.layout.payload_pages(num_pages), SlotState.STORING)
             if entry is None:  # every slot is busy being loaded, stored or written out
                 self.stats.add("skipped_stores", 1)
                 continue
             self.events.describe(key, request, start, num_tokens)
             copies.append(ChunkCopy(op=self._start(OpKind.STORE, entry), slot=entry.slot, block_ids=block_ids,
-                                    first_page=0, num_pages=num_pages, key=key,
-                                    persist_op=self._start(OpKind.PERSIST, entry) if persist else None))
-            state.stored_blocks[key] = block_ids
+                                    first_page=0, num_pages=entry.num_pages, key=key,
+                                    persist_op=self._start(OpKind.PERSIST, entry) if persist else None,
+                                    pages=pages if self.layout.compact else None))
+            state.stored_blocks[key] = by_group
             tokens += num_tokens
         if copies:
             state.stored_any = True
             plan.stores.append(RequestCopies(req_id=request.request_id, chunks=copies, num_tokens=tokens,
                                              total_tokens=request.num_tokens))
+
+    def _store_pages(self, state: _Request, first_block: int, num_pages: int,
+                     num_tokens: int) -> tuple[list[int], list[int], list[dict[int, int]]] | None:
+        """The blocks of a chunk to store (every group's pages it keeps, ``GroupSlot.stored_pages``, one group after
+        the other), their slot pages and per group {chunk page: block}; None while vLLM has not given every block."""
+        block_ids: list[int] = []
+        pages: list[int] = []
+        by_group: list[dict[int, int]] = []
+        for group in self.layout.groups:
+            ids = state.block_ids[group.group] if group.group < len(state.block_ids) else []
+            if len(ids) < first_block + num_pages:
+                return None
+            kept: dict[int, int] = {}
+            for page in group.stored_pages(num_pages, num_tokens, self.block_size):
+                kept[page] = ids[first_block + page]
+                block_ids.append(kept[page])
+                pages.append(group.slot_page(num_pages, page))
+            by_group.append(kept)
+        return block_ids, pages, by_group
 
     def _whole_key(self, state: _Request, chunk: int) -> bytes:
         if chunk < len(state.prompt_keys):
@@ -567,14 +637,22 @@ class OffloadScheduler:
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Keep the request's blocks until the workers finished copying out of them (``finished_sending``)."""
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(self, request: Any,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
+        """``request_finished`` with the blocks of every KV cache group (vLLM's hybrid manager, ``SupportsHMA``)."""
         self._running.discard(request.request_id)
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, None
         self._release(state)
         if state.stored_any:
-            kept = set(block_ids)  # only blocks vLLM keeps for us: never those of a preemption before
-            keys = [key for key, blocks in state.stored_blocks.items() if kept.issuperset(blocks)]
+            # Only blocks vLLM keeps for us: never those of a preemption before, nor a sliding-window group's blocks
+            # that left the window (vLLM freed them, they are its null block in block_ids now).
+            kept = [set(ids) for ids in block_ids]
+            keys = [key for key, blocks in state.stored_blocks.items()
+                    if all(g < len(kept) and kept[g].issuperset(pages.values()) for g, pages in enumerate(blocks))]
             for key in keys:
                 self._held[key] = (request.request_id, state.stored_blocks[key])
             self._held_keys[request.request_id] = keys

@@ -37,7 +37,8 @@ from kvoffload.tiers.host_pool import HostPool
 from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.base import LayeredStore
 from kvoffload.transfer.layout import paged_kv
-from kvoffload.vllm.identity import check_supported, pages_per_chunk, slots_per_worker
+from kvoffload.errors import UnsupportedModel
+from kvoffload.vllm.identity import check_supported, slot_layout, slots_per_worker
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
@@ -73,6 +74,10 @@ class OffloadWorker:
         check_supported(vllm_config, kv_cache_config)
         self.settings = settings
         self.kv_cache_config = kv_cache_config
+        self.slot_layout = slot_layout(settings, kv_cache_config)
+        # A sliding-window group's blocks are freed by vLLM while its request runs, as they leave the window: a
+        # store still reading one must be over before a later step's forward may write it (see handle_preemptions).
+        self._sliding = any(group.window is not None for group in self.slot_layout.groups)
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
         self.rank = _tp_rank(self.world_size) if rank is None else rank
@@ -104,18 +109,31 @@ class OffloadWorker:
     # ---- setup --------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], model_fingerprint: ModelFingerprint) -> None:
-        tensors = list(kv_caches.values())
-        self._layer_index = {name: index for index, name in enumerate(kv_caches)}
+        tensors = _distinct_memory(list(kv_caches.values()))
+        layout = self.slot_layout
+        if len(tensors) != layout.num_layers:
+            raise UnsupportedModel(f"kvoffload: this KV cache has {len(tensors)} distinct layer tensors for "
+                                   f"{layout.num_layers} layers per KV cache group; kvoffload cannot tell which "
+                                   "group owns which bytes. Run without --kv-transfer-config, or with "
+                                   "--disable-hybrid-kv-cache-manager")
+        # Layer-wise loads and stores need one layer name per tensor: with several groups overlaying the same
+        # tensors, the forward writes a tensor once per group, so a tensor is complete only after its last
+        # group's layer. Such models copy whole, before and after the forward.
+        self._layer_index = {name: index for index, name in enumerate(kv_caches)} \
+            if len(tensors) == len(kv_caches) else {}
         kv = paged_kv(tensors, self.kv_cache_config.num_blocks)
-        pages_per_slot = pages_per_chunk(self.settings, self.kv_cache_config)
-        slot_bytes = kv.num_layers * pages_per_slot * kv.page_bytes
+        slot_bytes = kv.num_layers * layout.pages_per_slot * kv.page_bytes
         num_slots = slots_per_worker(self.settings, self.world_size, slot_bytes)
         # On a GPU the pool is pinned (DMA needs it) in the background; a CPU cache copies from plain memory.
-        self.pool = HostPool(num_slots, kv.num_layers, pages_per_slot, kv.page_bytes, pin=kv.device.type == "cuda")
+        self.pool = HostPool(num_slots, kv.num_layers, layout.pages_per_slot, kv.page_bytes,
+                             pin=kv.device.type == "cuda")
         self.kv = kv
         first = tensors[0]
         self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
                        f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
+        if layout.compact:  # another slot layout: another namespace on disk/Redis (one group: as before)
+            self.layout += ";groups=" + ",".join("full" if g.window is None else f"window{g.window}:{g.num_pages}"
+                                                  for g in layout.groups)
         self._report.layout = self.layout
         if model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
             self._open_tiers(storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size),
@@ -123,6 +141,7 @@ class OffloadWorker:
         logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB%s",
                     self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
                     ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
+        logger.info("kvoffload: KV cache groups offloaded: %s", layout.describe())
 
     def _copy_path(self) -> CopyBackend:
         """The copy backend, created at the first copy once the host pool is ready (the CUDA path needs
@@ -165,6 +184,9 @@ class OffloadWorker:
 
     def handle_preemptions(self, plan: StepPlan | None) -> None:
         """A preempted request's blocks are reused this very step: its stores must finish first."""
+        if self._sliding and kv_is_async(self):
+            for batch in self._stores:  # see __init__: before this step's forward may write a block left the window
+                batch.fence.wait()
         if not isinstance(plan, StepPlan):
             return
         for req_id in plan.preempted:
@@ -259,7 +281,7 @@ class OffloadWorker:
                     continue
                 block_ids.extend(chunk.block_ids)
                 slots.extend([chunk.slot] * len(chunk.block_ids))
-                pages.extend(range(chunk.first_page, chunk.first_page + len(chunk.block_ids)))
+                pages.extend(chunk.page_list())
         return (torch.tensor(block_ids, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64),
                 torch.tensor(pages, dtype=torch.int64), on_device)
 
@@ -451,6 +473,25 @@ class OffloadWorker:
             self.backend.close()
         if self.pool is not None:
             self.pool.close()
+
+
+def kv_is_async(worker: OffloadWorker) -> bool:
+    """Whether this worker's copies may still run after the call that issued them (a GPU cache)."""
+    return getattr(worker, "kv", None) is not None and worker.kv.device.type == "cuda"
+
+
+def _distinct_memory(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The layer tensors of distinct memory, in order. With vLLM's hybrid KV cache manager the layers of
+    different groups are views of the same memory (a block id belongs to one group at a time), so each memory
+    tensor is copied once per block, for whichever group owns the block."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = []
+    for tensor in tensors:
+        key = (tensor.data_ptr(), tensor.stride(0), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out.append(tensor)
+    return out
 
 
 def _load_figures(batch: _Batch, share: float, seconds: float) -> str:
