@@ -156,9 +156,17 @@ def test_benchmark_plot_from_measured_results(tmp_path):
                  "Qwen3-8B 550 GB/s (byte-exact: yes)",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
         assert fact in text, fact
+    # The same tables in Chinese, the numbers unchanged.
+    zh = (out / "results.zh_CN.md").read_text()
+    for fact in ("| 模式 | 重复批次，第一遍（秒） |", "| kvoffload | 2.566 | 0.321 | 8.0x | 0.453 | 0.046 |",
+                 "| vLLM 原生 | 2.598 | 0.603 | 4.3x |", "| kvoffload + 磁盘 | 2.545 | 0.382 | 6.7x | 0.456 | 0.080 |",
+                 "| Qwen3-8B | 加载 | 51.8 | 43.7 | 40.3 | 16.6 | 55.0 | 94.2% | 是 |", "vLLM 0.26.0"):
+        assert fact in zh, fact
+    assert [line.count("|") for line in zh.splitlines()] == [line.count("|") for line in text.splitlines()]
     # The committed page assets are what the script makes from the committed results.
     committed = ROOT / "docs" / "_static" / "bench"
     assert (committed / "results.md").read_text() == text
+    assert (committed / "results.zh_CN.md").read_text() == zh
     assert {p.name for p in committed.glob("*.png")} == pngs
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     assert all(f"_static/bench/{name}" in page for name in pngs)
