@@ -102,6 +102,11 @@ COVERAGE: dict[str, tuple[str, str]] = {
     "helm install kvstack vllm/vllm-stack -f examples/production-stack/values-kvoffload.yaml":
         skip("needs helm and a Kubernetes cluster with GPUs; the values file is checked by "
              "tests/docs/test_docs_site.py::test_production_stack_values"),
+    "docker build -f examples/production-stack/Dockerfile -t ghcr.io/example/vllm-openai-kvoffload:0.1.0-vllm0.26.0 .":
+        skip("no Docker daemon here (and no network to pull vllm/vllm-openai); what can be checked without it is "
+             "in tests/docs/test_engine_image.py"),
+    "docker push ghcr.io/example/vllm-openai-kvoffload:0.1.0-vllm0.26.0": skip("needs the image built and a "
+                                                                               "registry to push to"),
     "kubectl get pods": skip("needs a Kubernetes cluster"),
     "kubectl logs -f <engine-pod-name> | grep kvoffload": skip("needs a Kubernetes cluster; placeholder pod name"),
     "kubectl port-forward svc/kvstack-router-service 30080:80": skip("needs a Kubernetes cluster"),
