@@ -10,8 +10,9 @@ into ``docs/_static/bench/``:
   scenario per mode);
 - for each copy-bandwidth file ``copy_bandwidth_*.json`` (``benchmarks/copy_bandwidth.py``):
   ``<name>.png`` (GB/s of each copy path against a bulk pinned copy);
-- ``results.md``: every number as Markdown tables, with date, hardware and versions; included by
-  docs/benchmarks.md.
+- ``results.md``: every number as Markdown tables, with date, hardware and versions, and the same tables in
+  Chinese in ``results.zh_CN.md`` (the text is in :data:`ZH_CN`); the docs include the one of the page's
+  language (``<!-- kvoffload:bench-results -->``, docs/_ext/kvoffload_docs.py).
 
 PNG files of earlier runs that are no longer produced are removed from the output directory. The output
 is byte-identical between runs on the same data, so the docs build leaves the checkout clean.
@@ -96,89 +97,154 @@ def fmt(value, spec: str = ".3f", unit: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{unit}"
 
 
-def meta_line(meta: dict) -> str:
-    return (f"{meta.get('date', '?')}, {meta.get('gpu', '?')}, vLLM {meta.get('vllm', '?')}, "
-            f"torch {meta.get('torch', '?')}, architecture `{meta.get('arch', '?')}`")
+#: The languages of the generated tables: ``results.md`` (English) and ``results.<lang>.md``. gettext cannot
+#: translate a generated file, so the Chinese text of the tables is here, next to the English it translates
+#: (glossary of docs/contributing-docs.md: 首token延迟, 复制, 数据块, KV 块).
+LANGS = ("en", "zh_CN")
+ZH_CN = {
+    "no offloading": "不卸载", "vLLM native": "vLLM 原生", "kvoffload": "kvoffload",
+    "kvoffload + disk": "kvoffload + 磁盘", "yes": "是", "NO": "否", "store": "存储", "load": "加载",
+    "{date}, {gpu}, vLLM {vllm}, torch {torch}, architecture `{arch}`":
+        "{date}，{gpu}，vLLM {vllm}，torch {torch}，`{arch}` 架构",
+    "**End to end** (`benchmarks/results/{name}.json`): {meta}.": "**端到端**（`benchmarks/results/{name}.json`）：{meta}。",
+    "Greedy token ids identical to no offloading in every scenario: {verdict}.":
+        "每个场景的贪心解码 token id 都与不卸载时相同：{verdict}。",
+    "Mode": "模式", "Repeated batch, run 1 (s)": "重复批次，第一遍（秒）", "Repeated batch, run 2 (s)": "重复批次，第二遍（秒）",
+    "Run 1 / run 2": "第一遍 / 第二遍", "Query twice, cold (s)": "同一查询两次，冷请求（秒）",
+    "Query twice, warm (s)": "同一查询两次，热请求（秒）",
+    "Each repeated-batch and query-twice figure is the median of three runs (the repeated batch on three prompt "
+    "sets, three prompts each sent twice); every run:":
+        "重复批次和同一查询两次的每个数字都是三次运行的中位数（重复批次用三组提示词，同一查询两次用三个各发送两次的提示词）；"
+        "每次运行：",
+    "Lower bound of the repeated batch's run 2 (its {tokens} stored tokens loaded at the kernel's measured load rate): "
+    "{floor} s.": "重复批次第二遍的下限（以内核实测的加载速率加载其 {tokens} 个已存储的 token）：{floor} 秒。",
+    "Chat TTFT p50 (s)": "多轮对话首token延迟 p50（秒）", "Chat TTFT p95 (s)": "多轮对话首token延迟 p95（秒）",
+    "Chat requests/s": "多轮对话每秒请求数", "Doc QA TTFT p50 (s)": "长文档问答首token延迟 p50（秒）",
+    "Doc QA TTFT p95 (s)": "长文档问答首token延迟 p95（秒）", "Doc QA requests/s": "长文档问答每秒请求数",
+    "Engine start (s)": "引擎启动（秒）",
+    "Offload tier serving hits (s since engine creation)": "卸载层开始提供命中（自创建引擎起的秒数）",
+    "**Copy path** (`benchmarks/results/{name}.json`): {device}, {chunks} chunks of 256 tokens per copy (about "
+    "{tokens} tokens), bf16.": "**复制路径**（`benchmarks/results/{name}.json`）：{device}，每次复制 {chunks} 个 "
+                               "256 token 的数据块（约 {tokens} 个 token），bf16。",
+    "Model": "模型", "Direction": "方向", "CUDA kernel (GB/s)": "CUDA 内核（GB/s）",
+    "Layer by layer (GB/s)": "逐层（GB/s）", "torch (GB/s)": "torch（GB/s）",
+    "One memcpy per page (GB/s)": "每页一次 memcpy（GB/s）", "Bulk pinned copy (GB/s)": "批量锁页复制（GB/s）",
+    "Kernel / bulk": "内核 / 批量", "Byte-exact": "逐字节一致",
+    "A chunk still in a finished request's GPU blocks, copied within the KV cache instead of loaded from the host: "
+    "{rows}.": "仍在已完成请求的 GPU KV 块中的数据块，在 KV Cache 内复制而不是从主机加载：{rows}。",
+    "{model} {gbps} GB/s (byte-exact: {ok})": "{model} {gbps} GB/s（逐字节一致：{ok}）",
+    "GEMM alone (ms)": "仅 GEMM（毫秒）", "+ kernel store": "+ 内核存储", "+ torch store": "+ torch 存储",
+    "+ bulk DMA": "+ 批量 DMA", "{ms} (spread {spread})": "{ms}（波动 {spread}）",
+}
+CATALOGS = {"zh_CN": ZH_CN}
 
 
-def e2e_markdown(name: str, data: dict, copy: dict[str, dict]) -> list[str]:
+def _(text: str, lang: str, **fields) -> str:
+    """``text`` in ``lang`` (the English text is the key), with ``fields`` filled in."""
+    text = text if lang == "en" else CATALOGS[lang][text]
+    return text.format(**fields) if fields else text
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells: list[str], lang: str) -> list[str]:
+    return [_row([_(c, lang) for c in cells]), "|" + "---|" * len(cells)]
+
+
+def meta_line(meta: dict, lang: str = "en") -> str:
+    return _("{date}, {gpu}, vLLM {vllm}, torch {torch}, architecture `{arch}`", lang,
+             **{k: meta.get(k, "?") for k in ("date", "gpu", "vllm", "torch", "arch")})
+
+
+def e2e_markdown(name: str, data: dict, copy: dict[str, dict], lang: str = "en") -> list[str]:
     rows = ordered_modes(data)
     same = data.get("tokens_identical_to_none", {})
-    lines = [f"**End to end** (`benchmarks/results/{name}.json`): {meta_line(data['meta'])}.", ""]
+    mode = lambda m: _(label(m), lang) if label(m) in ZH_CN else label(m)  # noqa: E731 - unknown modes as named
+    sep = ", " if lang == "en" else "，"
+    lines = [_("**End to end** (`benchmarks/results/{name}.json`): {meta}.", lang, name=name,
+               meta=meta_line(data["meta"], lang)), ""]
     if same:
-        verdict = ", ".join(f"{label(m)}: {'yes' if ok else 'NO'}" for m, ok in same.items())
-        lines += [f"Greedy token ids identical to no offloading in every scenario: {verdict}.", ""]
-    lines += ["| Mode | Repeated batch, run 1 (s) | Repeated batch, run 2 (s) | Run 1 / run 2 | Query twice, cold (s) | "
-              "Query twice, warm (s) |", "|---|---|---|---|---|---|"]
+        colon = ": " if lang == "en" else "："
+        verdict = sep.join(f"{mode(m)}{colon}{_('yes' if ok else 'NO', lang)}" for m, ok in same.items())
+        lines += [_("Greedy token ids identical to no offloading in every scenario: {verdict}.", lang,
+                    verdict=verdict), ""]
+    lines += _header(["Mode", "Repeated batch, run 1 (s)", "Repeated batch, run 2 (s)", "Run 1 / run 2",
+                      "Query twice, cold (s)", "Query twice, warm (s)"], lang)
     for r in rows:
         seed, twice = r.get("seed", {}), r.get("twice", {})
-        lines.append(f"| {label(r['mode'])} | {fmt(seed.get('run1_s'))} | {fmt(seed.get('run2_s'))} | "
-                     f"{fmt(seed.get('speedup'), '.1f', 'x')} | {fmt(twice.get('cold_s'))} | "
-                     f"{fmt(twice.get('warm_s'))} |")
+        lines.append(_row([mode(r["mode"]), fmt(seed.get("run1_s")), fmt(seed.get("run2_s")),
+                           fmt(seed.get("speedup"), ".1f", "x"), fmt(twice.get("cold_s")), fmt(twice.get("warm_s"))]))
     repeated = [r for r in rows if "run1_all_s" in r.get("seed", {}) and "warm_all_s" in r.get("twice", {})]
     if repeated:
-        lines += ["", "Each repeated-batch and query-twice figure is the median of three runs (the repeated batch on three prompt "
-                      "sets, three prompts each sent twice); every run:", "",
-                  "| Mode | Repeated batch, run 1 (s) | Repeated batch, run 2 (s) | Query twice, cold (s) | Query twice, warm (s) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", _("Each repeated-batch and query-twice figure is the median of three runs (the repeated batch "
+                        "on three prompt sets, three prompts each sent twice); every run:", lang), ""]
+        lines += _header(["Mode", "Repeated batch, run 1 (s)", "Repeated batch, run 2 (s)", "Query twice, cold (s)",
+                          "Query twice, warm (s)"], lang)
         for r in repeated:
             runs = [r["seed"]["run1_all_s"], r["seed"]["run2_all_s"], r["twice"]["cold_all_s"], r["twice"]["warm_all_s"]]
-            lines.append(f"| {label(r['mode'])} | " + " | ".join(", ".join(fmt(v) for v in values) for values in runs)
-                         + " |")
+            lines.append(_row([mode(r["mode"])] + [", ".join(fmt(v) for v in values) for values in runs]))
     floor = seed_floor_s(data, copy)
     if floor is not None:
-        lines += ["", f"Lower bound of the repeated batch's run 2 (its {SEED_LOADED_TOKENS:,} stored tokens loaded at the "
-                      f"kernel's measured load rate): {floor:.3f} s."]
-    lines += ["", "| Mode | Chat TTFT p50 (s) | Chat TTFT p95 (s) | Chat requests/s | "
-                  "Doc QA TTFT p50 (s) | Doc QA TTFT p95 (s) | Doc QA requests/s |",
-              "|---|---|---|---|---|---|---|"]
+        lines += ["", _("Lower bound of the repeated batch's run 2 (its {tokens} stored tokens loaded at the "
+                        "kernel's measured load rate): {floor} s.", lang, tokens=f"{SEED_LOADED_TOKENS:,}",
+                        floor=f"{floor:.3f}")]
+    lines += [""] + _header(["Mode", "Chat TTFT p50 (s)", "Chat TTFT p95 (s)", "Chat requests/s",
+                             "Doc QA TTFT p50 (s)", "Doc QA TTFT p95 (s)", "Doc QA requests/s"], lang)
     for r in rows:
         chat, docqa = r.get("chat", {}), r.get("docqa", {})
-        lines.append(f"| {label(r['mode'])} | {fmt(chat.get('ttft_p50_s'))} | {fmt(chat.get('ttft_p95_s'))} | "
-                     f"{fmt(chat.get('requests_per_s'), '.2f')} | {fmt(docqa.get('ttft_p50_s'))} | "
-                     f"{fmt(docqa.get('ttft_p95_s'))} | {fmt(docqa.get('requests_per_s'), '.2f')} |")
-    lines += ["", "| Mode | Engine start (s) | Offload tier serving hits (s since engine creation) |", "|---|---|---|"]
+        lines.append(_row([mode(r["mode"]), fmt(chat.get("ttft_p50_s")), fmt(chat.get("ttft_p95_s")),
+                           fmt(chat.get("requests_per_s"), ".2f"), fmt(docqa.get("ttft_p50_s")),
+                           fmt(docqa.get("ttft_p95_s")), fmt(docqa.get("requests_per_s"), ".2f")]))
+    lines += [""] + _header(["Mode", "Engine start (s)", "Offload tier serving hits (s since engine creation)"], lang)
     for r in rows:
-        lines.append(f"| {label(r['mode'])} | {fmt(r.get('engine_start_s'), '.1f')} | "
-                     f"{fmt(r.get('tier_ready_s'), '.1f')} |")
+        lines.append(_row([mode(r["mode"]), fmt(r.get("engine_start_s"), ".1f"), fmt(r.get("tier_ready_s"), ".1f")]))
     return lines + [""]
 
 
-def copy_markdown(name: str, data: dict) -> list[str]:
-    lines = [f"**Copy path** (`benchmarks/results/{name}.json`): {data['device']}, {data['chunks']} chunks of "
-             f"256 tokens per copy (about {data['chunks'] * 256:,} tokens), bf16.", "",
-             "| Model | Direction | CUDA kernel (GB/s) | Layer by layer (GB/s) | torch (GB/s) | "
-             "One memcpy per page (GB/s) | Bulk pinned copy (GB/s) | Kernel / bulk | Byte-exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def copy_markdown(name: str, data: dict, lang: str = "en") -> list[str]:
+    lines = [_("**Copy path** (`benchmarks/results/{name}.json`): {device}, {chunks} chunks of 256 tokens per copy "
+               "(about {tokens} tokens), bf16.", lang, name=name, device=data["device"], chunks=data["chunks"],
+               tokens=f"{data['chunks'] * 256:,}"), ""]
+    lines += _header(["Model", "Direction", "CUDA kernel (GB/s)", "Layer by layer (GB/s)", "torch (GB/s)",
+                      "One memcpy per page (GB/s)", "Bulk pinned copy (GB/s)", "Kernel / bulk", "Byte-exact"], lang)
     for row in data["results"]:
         for direction in ("store", "load"):
             g = row["gbps"][direction]
-            lines.append(f"| {row['model']} | {direction} | {g['kernel']:.1f} | {fmt(g.get('layer-wise'), '.1f')} | "
-                         f"{g['torch']:.1f} | "
-                         f"{g['per-page']:.1f} | {g['bulk']:.1f} | {100 * g['kernel'] / g['bulk']:.1f}% | "
-                         f"{'yes' if row['verified'][direction] else 'NO'} |")
+            lines.append(_row([row["model"], _(direction, lang), f"{g['kernel']:.1f}", fmt(g.get("layer-wise"), ".1f"),
+                               f"{g['torch']:.1f}", f"{g['per-page']:.1f}", f"{g['bulk']:.1f}",
+                               f"{100 * g['kernel'] / g['bulk']:.1f}%",
+                               _("yes" if row["verified"][direction] else "NO", lang)]))
     within = [row for row in data["results"] if "within_cache_gbps" in row]
     if within:
-        lines += ["", "A chunk still in a finished request's GPU blocks, copied within the KV cache instead of loaded "
-                      "from the host: " + ", ".join(f"{row['model']} {row['within_cache_gbps']:.0f} GB/s (byte-exact: "
-                                                     f"{'yes' if row['verified']['within'] else 'NO'})" for row in within)
-                  + "."]
-    lines += ["", "| Model | GEMM alone (ms) | + kernel store | + torch store | + bulk DMA |", "|---|---|---|---|---|"]
+        sep = ", " if lang == "en" else "，"
+        rows = sep.join(_("{model} {gbps} GB/s (byte-exact: {ok})", lang, model=row["model"],
+                          gbps=f"{row['within_cache_gbps']:.0f}", ok=_("yes" if row["verified"]["within"] else "NO", lang))
+                        for row in within)
+        lines += ["", _("A chunk still in a finished request's GPU blocks, copied within the KV cache instead of loaded "
+                        "from the host: {rows}.", lang, rows=rows)]
+    lines += [""] + _header(["Model", "GEMM alone (ms)", "+ kernel store", "+ torch store", "+ bulk DMA"], lang)
     for row in data["results"]:
         ms = row["gemm_ms"]
         cells = [f"{ms[k]:.3f} ({100 * (ms[k] / ms['alone'] - 1):+.1f}%)" for k in ("kernel", "torch", "bulk")]
-        lines.append(f"| {row['model']} | {ms['alone']:.3f} (spread {ms['alone_spread']:.3f}) | "
-                     + " | ".join(cells) + " |")
+        alone = _("{ms} (spread {spread})", lang, ms=f"{ms['alone']:.3f}", spread=f"{ms['alone_spread']:.3f}")
+        lines.append(_row([row["model"], alone] + cells))
     return lines + [""]
 
 
-def results_markdown(e2e: dict[str, dict], copy: dict[str, dict]) -> str:
+def results_markdown(e2e: dict[str, dict], copy: dict[str, dict], lang: str = "en") -> str:
     lines = ["<!-- generated by benchmarks/plot.py from benchmarks/results/*.json; do not edit -->", ""]
     for name, data in e2e.items():
-        lines += e2e_markdown(name, data, copy)
+        lines += e2e_markdown(name, data, copy, lang)
     for name, data in copy.items():
-        lines += copy_markdown(name, data)
+        lines += copy_markdown(name, data, lang)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def results_filename(lang: str) -> str:
+    """``results.md`` for English, ``results.<lang>.md`` for a translation (the docs pick the page's language)."""
+    return "results.md" if lang == "en" else f"results.{lang}.md"
 
 
 def _bars(ax, groups: list[str], series: list[tuple[str, str, list[float | None]]], fmt_spec: str) -> None:
@@ -274,8 +340,11 @@ def main(argv=None) -> int:
         written.append(plot_copy(name, data, args.out, plt))
     for stale in sorted(set(args.out.glob("*.png")) - set(written)):
         stale.unlink()
-    (args.out / "results.md").write_text(results_markdown(e2e, copy), encoding="utf-8")
-    for path in written + [args.out / "results.md"]:
+    tables = []
+    for lang in LANGS:
+        tables.append(args.out / results_filename(lang))
+        tables[-1].write_text(results_markdown(e2e, copy, lang), encoding="utf-8")
+    for path in written + tables:
         print(path)
     return 0
 

@@ -17,6 +17,10 @@ Markers:
     the ``--help`` output of every ``kvoffload`` subcommand, from :func:`kvoffload.cli.build_parser`.
 ``<!-- kvoffload:lmcache-refused -->`` / ``<!-- kvoffload:lmcache-ignored -->``
     LMCache keys that kvoffload refuses (feature not available) or accepts and ignores.
+``<!-- kvoffload:bench-results -->``
+    the benchmark result tables that ``benchmarks/plot.py`` generates, in the language being built
+    (``docs/_static/bench/results.md`` or ``results.<language>.md``), inside a ``notranslate`` container:
+    gettext cannot translate a generated file, so plot.py writes each language itself.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-MARKERS = ("config-example", "cli-help", "settings-table", "env-table", "lmcache-refused", "lmcache-ignored")
+MARKERS = ("config-example", "cli-help", "settings-table", "env-table", "lmcache-refused", "lmcache-ignored",
+           "bench-results")
 
 
 def _cell(text: str) -> str:
@@ -162,16 +167,30 @@ RENDERERS = {
 }
 
 
-def render_markers(text: str) -> str:
+def bench_results(language: str) -> str:
+    """The generated benchmark tables of ``language`` (English where plot.py wrote none for it)."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "_static" / "bench"
+    path = bench / f"results.{language}.md"
+    if language in ("en", None) or not path.is_file():
+        path = bench / "results.md"
+    return f"::::{{container}} notranslate\n{path.read_text(encoding='utf-8')}::::"
+
+
+def render_markers(text: str, language: str = "en") -> str:
     for marker, render in RENDERERS.items():
         token = f"<!-- kvoffload:{marker} -->"
         if token in text:
             text = text.replace(token, render())
+    token = "<!-- kvoffload:bench-results -->"
+    if token in text:
+        text = text.replace(token, bench_results(language))
     return text
 
 
 def _source_read(app, docname: str, source: list[str]) -> None:
-    rendered = render_markers(source[0])
+    rendered = render_markers(source[0], app.config.language)
     if rendered != source[0]:
         # Re-read this page when the code it is generated from changes.
         import kvoffload.cli

@@ -156,11 +156,19 @@ def test_benchmark_plot_from_measured_results(tmp_path):
                  "Qwen3-8B 550 GB/s (byte-exact: yes)",
                  "vLLM native: yes, kvoffload: yes, kvoffload + disk: yes"):
         assert fact in text, fact
+    # The same tables in Chinese, the numbers unchanged.
+    zh = (out / "results.zh_CN.md").read_text()
+    for fact in ("| 模式 | 重复批次，第一遍（秒） |", "| kvoffload | 2.566 | 0.321 | 8.0x | 0.453 | 0.046 |",
+                 "| vLLM 原生 | 2.598 | 0.603 | 4.3x |", "| kvoffload + 磁盘 | 2.545 | 0.382 | 6.7x | 0.456 | 0.080 |",
+                 "| Qwen3-8B | 加载 | 51.8 | 43.7 | 40.3 | 16.6 | 55.0 | 94.2% | 是 |", "vLLM 0.26.0"):
+        assert fact in zh, fact
+    assert [line.count("|") for line in zh.splitlines()] == [line.count("|") for line in text.splitlines()]
     # The committed page assets are what the script makes from the committed results.
     committed = ROOT / "docs" / "_static" / "bench"
     assert (committed / "results.md").read_text() == text
+    assert (committed / "results.zh_CN.md").read_text() == zh
     assert {p.name for p in committed.glob("*.png")} == pngs
-    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    page = (ROOT / "docs" / "benchmark-results.md").read_text()
     assert all(f"_static/bench/{name}" in page for name in pngs)
 
 
@@ -308,14 +316,27 @@ def test_hreflang_absolute_with_a_site_url():
 
 
 def test_benchmarks_page_is_user_facing():
-    """The results read as results: no internal names ("seed script"), no bare issue numbers; the history
-    of how the figures came about is its own section after the results and the method."""
+    """The results read as results: no internal names ("seed script"), no bare issue numbers. The results page
+    is short (headline figures, then the tables with date, hardware, versions and graph mode); the method, the
+    targets and the history of how the figures came about are on the benchmarks page, history after method."""
+    results = (ROOT / "docs" / "benchmark-results.md").read_text(encoding="utf-8")
     page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    prose = re.sub(r"`[^`]*`|\([^)]*\.(?:png|json|log)\)", "", page)
-    assert not re.search(r"\bseed\s+script|\bseed\s+run", prose, re.I)
-    assert not re.search(r"(?<![\w/&])#\d+\b|\bissue\s+#?\d+", prose, re.I)
-    order = [page.index(h) for h in ("## Results with vLLM's default CUDA graphs", "## Results with `enforce_eager`",
-                                     "## Method", "## Development history", "## Reproduce")]
+    for text in (results, page):
+        prose = re.sub(r"`[^`]*`|\([^)]*\.(?:png|json|log)\)", "", text)
+        assert not re.search(r"\bseed\s+script|\bseed\s+run", prose, re.I)
+        assert not re.search(r"(?<![\w/&])#\d+\b|\bissue\s+#?\d+", prose, re.I)
+    order = [results.index(h) for h in ("# Benchmark results", "## Results with vLLM's default CUDA graphs",
+                                        "## Results with `enforce_eager`")]
+    assert order == sorted(order) and len(results.splitlines()) < 120
+    for fact in ("2026-12-06", "vLLM 0.26.0", "torch 2.11.0+cu130", "NVIDIA H100 80GB", "CUDA graphs", "enforce_eager",
+                 "<!-- kvoffload:bench-results -->"):
+        assert fact in results, fact
+    assert "## Method" not in results and "## Development history" not in results
+    order = [page.index(h) for h in ("## Targets: met and missed", "## Method", "## Development history",
+                                     "## Reproduce")]
     assert order == sorted(order)
-    generated = (ROOT / "docs" / "_static" / "bench" / "results.md").read_text(encoding="utf-8")
-    assert "Seed" not in generated and "seed script" not in generated
+    toctree = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    assert "\nbenchmark-results\nbenchmarks\n" in toctree
+    for lang in ("", ".zh_CN"):
+        generated = (ROOT / "docs" / "_static" / "bench" / f"results{lang}.md").read_text(encoding="utf-8")
+        assert "Seed" not in generated and "seed script" not in generated
