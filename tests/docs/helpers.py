@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +58,14 @@ def notebook_env(environ: dict[str, str]) -> None:
         environ["DOCS_MODEL"] = str(tiny_model_dir())
         for key, value in NOTEBOOK_LIMITS.items():
             environ.setdefault(key, value)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own process group: SIGINT (vLLM shuts down cleanly), SIGKILL after 60 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

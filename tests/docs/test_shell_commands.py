@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CPU_ENGINE_ARGS, ROOT, example_env
+from helpers import CPU_ENGINE_ARGS, ROOT, example_env, stop_server
 from shell_blocks import shell_commands
 
 
@@ -405,13 +404,7 @@ def server(tiny_model, tmp_path_factory):
             time.sleep(1)
         yield port, log
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_server(proc)
 
 
 @pytest.mark.vllm
