@@ -96,7 +96,9 @@ def test_outputs_identical_and_second_pass_hits(baseline: EngineRun, offloaded: 
 
 
 def test_restart_hits_from_the_disk_tier(baseline: EngineRun, restarted: EngineRun) -> None:
-    assert restarted.hit_tokens() == [len(p.split()) - 1 for p in PROMPTS]
+    # Each prompt asks again until its chunks are prefetched from disk: the hits are logged in the order the
+    # prefetches finish, not in prompt order (the fresh-clone CI run logged the 700-token prompt first).
+    assert sorted(restarted.hit_tokens()) == sorted(len(p.split()) - 1 for p in PROMPTS)
     assert restarted.metrics.get("kvoffload:prefetched_chunks_total", 0) > 0
     assert restarted.metrics.get("vllm:prompt_tokens_cached_by_source{source=disk}", 0) > 0
     assert_same_greedy(restarted.rounds[0], baseline, what="loads from the disk tier after a restart changed the output")
