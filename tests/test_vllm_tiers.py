@@ -368,7 +368,11 @@ def test_a_second_engine_loads_the_prefix_from_a_cluster(cluster_runs: dict, bas
     assert_same_greedy(b.rounds[0], baseline, [5, 6], "outputs served from the cluster differ from recomputed ones")
     stored = sum(cluster_runs["keys_per_master"])
     assert stored == tier_summary(a, "redis")["wrote"] > 0
-    assert all(cluster_runs["keys_per_master"]), f"chunks per master: {cluster_runs['keys_per_master']}"
+    # The chunks are sharded: 12 keys whose slots follow from the model's fingerprint. That each of 3 masters
+    # holds one is only 98% likely (a fresh machine's random tiny model failed it); that they span two of them
+    # fails once in 180,000 and still fails when the client sends every key to one node.
+    in_use = [count for count in cluster_runs["keys_per_master"] if count]
+    assert len(in_use) >= 2, f"chunks per master: {cluster_runs['keys_per_master']}"
     assert hits_by_prompt(b, [[5, 6]])[0] == {5: len(PROMPTS[5]) - 1, 6: len(PROMPTS[6]) - 1}
     assert b.metrics["kvoffload:redis_hits_total"] == whole_chunks(5) + whole_chunks(6) + 2  # and both tails
     assert "is down" not in a.log + b.log and "Traceback" not in a.log + b.log
