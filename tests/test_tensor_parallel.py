@@ -34,11 +34,12 @@ from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 
 from kvoffload.tiers.disk import HEADER_SIZE  # noqa: E402
 from kvoffload.tiers.host_index import SlotState  # noqa: E402
-from kvoffload.vllm.identity import model_fingerprint  # noqa: E402
+from kvoffload.vllm.identity import StorageShare, model_fingerprint, storage_share  # noqa: E402
 from kvoffload.vllm.persistent import storage_fingerprint  # noqa: E402
 from kvoffload.vllm.plan import StepPlan, WorkerReport  # noqa: E402
 from tests.conftest import EngineRun, run_engine  # noqa: E402
 from tests.greedy import assert_same_greedy, differs_beyond_ties  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 from tests.harness import (BLOCK, LAYERS, PROMPT, PROMPT_BLOCKS, SLOTS_PER_RANK, Blocks, Request,  # noqa: E402
                            SchedulerOutput, TPEngine, kv_cache_config, schedule_new, store_prompt, vllm_config,
                            wait_idle)
@@ -525,6 +526,67 @@ def test_disk_tier_round_trip_keeps_each_rank_shard(tmp_path: Path) -> None:
     for rank in range(2):
         assert torch.equal(second.pages(rank, b_blocks).view(torch.uint8), shards[rank].view(torch.uint8))
     second.shutdown()
+
+
+@pytest.mark.parametrize("tier", ["disk", "redis"])
+def test_mla_ranks_keep_one_copy_in_the_persistent_tier_and_each_loads_it(
+        tier: str, tmp_path: Path, redis_server: RedisServer) -> None:
+    """An MLA model's cache is the same latent on every rank: rank 0 writes one copy, in the namespace of TP=1 (on
+    disk with the whole disk budget); after a restart both ranks prefetch that copy and restore their blocks."""
+    disk = tmp_path / "disk"
+    extra = {"local_disk": str(disk), "max_local_disk_size": 0.01} if tier == "disk" else \
+        {"remote_url": redis_server.url}
+    first = TPEngine(mla=True, **extra)
+    writer, reader = (w.tiers[0] for w in first.workers)
+    assert first.workers[1].writers == [] and len(first.workers[0].writers) == 1
+    if tier == "disk":
+        assert (type(writer).__name__, type(reader).__name__) == ("DiskTier", "DiskReader")
+        assert writer.namespace_dir == reader.namespace_dir and writer.max_bytes == 10**7
+    first.step()  # the first report carries the workers' layout; stores planned after it are persisted
+    a = Request("a", PROMPT)
+    a_blocks = list(range(1, 1 + PROMPT_BLOCKS))
+    latent = first.pages(0, a_blocks)
+    assert first.holds(a_blocks, [latent, latent])  # the same bytes on both ranks
+    store_prompt(first, a, a_blocks)
+    first.scheduler.request_finished(a, a_blocks)
+    first.step(finished={"a"})
+    wait_idle(first)
+    if tier == "disk":
+        stored = sorted(disk.rglob("*.kvo"))
+        assert len(stored) == 4 and {p.parent.parent for p in stored} == {writer.namespace_dir}, stored
+    else:
+        import redis  # here: the GPU machine runs this module's gpu tests without redis-py
+        assert redis.Redis(port=redis_server.port).dbsize() == 4  # 4 chunks, not 4 per rank
+    assert (writer.stats.writes, reader.stats.writes) == (4, 0)
+    first.shutdown()
+
+    second = TPEngine(mla=True, **extra)  # a restart: empty host pools
+    second.step()
+    b = Request("b", PROMPT)
+    deadline = time.monotonic() + 20
+    while (answer := second.scheduler.get_num_new_matched_tokens(b, 0))[0] is None:
+        assert time.monotonic() < deadline, "prefetch never completed"
+        second.step()
+        time.sleep(0.01)
+    assert answer[0] == len(PROMPT) - 1
+    b_blocks = list(range(30, 30 + PROMPT_BLOCKS))
+    second.load_into(b, b_blocks, answer[0])
+    assert second.holds(b_blocks, [latent, latent])
+    assert [w.tiers[0].stats.hits for w in second.workers] == [4, 4], "each rank read the one copy"
+    second.shutdown()
+
+
+def test_only_a_replicated_mla_cache_shares_the_persistent_tiers() -> None:
+    """One copy only where every rank holds the same bytes: an MLA cache under tensor parallelism, without
+    decode context parallelism (which splits the latent by token over the ranks)."""
+    mla = kv_cache_config(mla=True)
+    assert storage_share(vllm_config(2), mla, 1) == StorageShare(rank=0, world_size=1, writes=False)
+    assert storage_share(vllm_config(2), mla, 0) == StorageShare(rank=0, world_size=1, writes=True)
+    assert storage_share(vllm_config(1), mla, 0) == StorageShare(rank=0, world_size=1, writes=True)
+    assert storage_share(vllm_config(2), kv_cache_config(), 1) == StorageShare(rank=1, world_size=2, writes=True)
+    split = vllm_config(2)
+    split.parallel_config.decode_context_parallel_size = 2
+    assert storage_share(split, mla, 1) == StorageShare(rank=1, world_size=2, writes=True)
 
 
 # ---- end to end: real vLLM with tensor_parallel_size=2 ---------------------------------------------------

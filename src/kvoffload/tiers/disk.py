@@ -132,6 +132,7 @@ class DiskTier(ChunkTier):
     """Chunks as files under ``root``, LRU-evicted by bytes (headers included) above ``max_bytes``."""
 
     name = "disk"
+    _drops = "removed it"  # what a bad file's warning says was done with it
 
     def __init__(self, root: str, fingerprint: bytes, max_bytes: int) -> None:
         if len(fingerprint) != 32:
@@ -150,7 +151,10 @@ class DiskTier(ChunkTier):
         self._in_flight = 0  # bytes reserved by writes in flight (not evictable)
         self._removed: list[bytes] = []
         self._log = OnceLog(logger)
-        _prepare_dir(self.namespace_dir, root)
+        self._open()
+
+    def _open(self) -> None:
+        _prepare_dir(self.namespace_dir, str(self.root))
         self._load_index()
 
     # ---------------------------------------------------------------- start-up
@@ -250,7 +254,7 @@ class DiskTier(ChunkTier):
     def get_into(self, key: bytes, out: memoryview) -> bool:
         out = byte_view(out)
         with self._lock:
-            if key not in self._index:
+            if not self._may_hold(key):
                 self.stats.misses += 1
                 return False
         path = self._path(key)
@@ -274,8 +278,8 @@ class DiskTier(ChunkTier):
             with self._lock:
                 self.stats.corrupt += 1
                 self.stats.misses += 1
-            self._log.warning(f"corrupt:{exc}", "kvoffload disk tier: removed %s: %s; the request recomputes "
-                              "this chunk", path, exc)
+            self._log.warning(f"corrupt:{exc}", "kvoffload disk tier: %s: %s; %s, the request recomputes "
+                              "this chunk", path, exc, self._drops)
             return False
         except OSError as exc:
             self._forget(key, delete=True)
@@ -283,8 +287,8 @@ class DiskTier(ChunkTier):
                 self.stats.errors += 1
                 self.stats.misses += 1
             name = errno.errorcode.get(exc.errno or 0, "OSError")
-            self._log.warning(f"read:{name}", "kvoffload disk tier: cannot read %s: %s (%s); removed it, the "
-                              "request recomputes this chunk", path, exc.strerror or exc, name)
+            self._log.warning(f"read:{name}", "kvoffload disk tier: cannot read %s: %s (%s); %s, the "
+                              "request recomputes this chunk", path, exc.strerror or exc, name, self._drops)
             return False
         elapsed = time.perf_counter() - start
         with self._lock:
@@ -309,6 +313,10 @@ class DiskTier(ChunkTier):
         return removed
 
     # ---------------------------------------------------------------- internals
+
+    def _may_hold(self, key: bytes) -> bool:
+        """Whether the chunk's file may exist (called under the lock)."""
+        return key in self._index
 
     def _path(self, key: bytes) -> Path:
         name = key.hex()
@@ -349,6 +357,33 @@ class DiskTier(ChunkTier):
                 self._pending.add(key)
         if delete:
             self._unlink([key])
+
+
+class DiskReader(DiskTier):
+    """Reads the chunks that another worker's :class:`DiskTier` writes in the same namespace, and changes nothing
+    there: the tensor-parallel ranks of an MLA model keep one copy, written by rank 0 (see
+    ``kvoffload.vllm.identity.storage_share``).
+
+    The writer adds files after this reader started, so the reader keeps no index: each read opens the chunk's
+    file, and a missing one is a miss. A bad file is a miss too, and stays for the writer to remove: every rank
+    loads every chunk, so rank 0 reads the same file in the same prefetch."""
+
+    _drops = "left it for rank 0 to remove"
+
+    def _open(self) -> None:
+        logger.info("kvoffload disk tier at %s: reading the chunks rank 0 writes", self.namespace_dir)
+
+    def put(self, key: bytes, payload: memoryview) -> PutResult:
+        raise RuntimeError("kvoffload: a DiskReader does not write; rank 0's DiskTier stores the chunks")
+
+    def _may_hold(self, key: bytes) -> bool:
+        return True
+
+    def contains(self, keys: Iterable[bytes]) -> list[bool]:
+        return [self._path(key).is_file() for key in keys]
+
+    def _forget(self, key: bytes, delete: bool) -> None:
+        return  # no index, and the writer's files are the writer's
 
 
 # -------------------------------------------------------------------- filesystem helpers

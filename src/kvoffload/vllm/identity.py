@@ -49,6 +49,33 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
                                "without --kv-transfer-config")
 
 
+@dataclass(frozen=True)
+class StorageShare:
+    """Which namespace of the disk and remote tiers a worker uses, and whether it writes there."""
+
+    rank: int
+    world_size: int
+    writes: bool
+
+
+def storage_share(vllm_config: Any, kv_cache_config: Any, rank: int) -> StorageShare:
+    """Rank ``rank``'s share of the persistent tiers.
+
+    With tensor parallelism each rank's KV cache is its own shard (its KV heads), so each rank stores its own
+    chunks in a namespace of its own. An MLA model is the exception: its cache is one latent per token,
+    computed from all-reduced hidden states, the same bytes on every rank. Storing it once per rank would
+    divide what the disk and Redis hold by the TP size, so every rank names rank 0's namespace, rank 0 writes
+    it and the others only read it (and report their write-outs done: rank 0's outcome decides). Decode context
+    and prefill context parallelism split an MLA cache by token over the ranks: then each keeps its own namespace."""
+    world_size = vllm_config.parallel_config.world_size
+    specs = {type(group.kv_cache_spec).__name__ for group in kv_cache_config.kv_cache_groups}
+    parallel = vllm_config.parallel_config
+    split = parallel.decode_context_parallel_size * parallel.prefill_context_parallel_size
+    if world_size > 1 and split == 1 and specs <= set(_MLA_SPECS):
+        return StorageShare(rank=0, world_size=1, writes=rank == 0)
+    return StorageShare(rank=rank, world_size=world_size, writes=True)
+
+
 def full_graph_query_len(vllm_config: Any) -> float:
     """The most tokens one request of a step may compute for vLLM to replay a *full* CUDA graph for the step
     (0: never, ``inf``: in every step).
@@ -75,6 +102,7 @@ def full_graph_query_len(vllm_config: Any) -> float:
 #: computes.
 _FULL_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
 _SLIDING_SPECS = ("SlidingWindowSpec", "SlidingWindowMLASpec")
+_MLA_SPECS = ("MLAAttentionSpec", "SlidingWindowMLASpec")  # one latent per token, the same on every TP rank
 
 
 @dataclass(frozen=True)

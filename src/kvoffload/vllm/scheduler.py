@@ -75,6 +75,7 @@ from kvoffload.vllm.identity import (
     model_fingerprint,
     slot_layout,
     slots_per_worker,
+    storage_share,
 )
 from kvoffload.vllm.persistent import PersistentLookup, storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
@@ -160,6 +161,7 @@ class OffloadScheduler:
         self.chunk_size = settings.chunk_size
         self.pages_per_chunk = self.layout.pages_per_chunk
         self.world_size = vllm_config.parallel_config.world_size
+        self.share = storage_share(vllm_config, kv_cache_config, rank=0)  # the namespace the lookups name
         self.slot_bytes = self.layout.slot_bytes
         num_slots = slots_per_worker(settings, self.world_size, self.slot_bytes)
         self.fingerprint = model_fingerprint(vllm_config, kv_cache_config)
@@ -669,8 +671,8 @@ class OffloadScheduler:
             return
         if report.layout is not None and self.persistent is None and self._wants_persistence():
             self.persistent = PersistentLookup(
-                self.settings, storage_fingerprint(self.fingerprint, report.layout, rank=0,
-                                                   world_size=self.world_size))
+                self.settings, storage_fingerprint(self.fingerprint, report.layout, self.share.rank,
+                                                   self.share.world_size))
         for op_id in sorted(set(report.done) | set(report.failed)):  # in planning order: a store before its persist
             op = self._ops.get(op_id)
             if op is None:  # a bug, but not one that can load wrong bytes: keep serving

@@ -38,7 +38,7 @@ from kvoffload.transfer import CopyBackend, Fence, make_copy_backend
 from kvoffload.transfer.base import LayeredStore
 from kvoffload.transfer.layout import paged_kv
 from kvoffload.errors import UnsupportedModel
-from kvoffload.vllm.identity import check_supported, slot_layout, slots_per_worker
+from kvoffload.vllm.identity import check_supported, slot_layout, slots_per_worker, storage_share
 from kvoffload.vllm.persistent import storage_fingerprint
 from kvoffload.vllm.plan import ChunkCopy, Prefetch, RequestCopies, StepPlan, WorkerReport
 from kvoffload.vllm.stats import TIER_FIELDS, KVOffloadStats
@@ -81,6 +81,7 @@ class OffloadWorker:
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
         self.rank = _tp_rank(self.world_size) if rank is None else rank
+        self.share = storage_share(vllm_config, kv_cache_config, self.rank)
         self.pool: HostPool | None = None
         self.backend: CopyBackend | None = None
         self.tiers: list[ChunkTier] = []
@@ -136,8 +137,8 @@ class OffloadWorker:
                                                   for g in layout.groups)
         self._report.layout = self.layout
         if model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
-            self._open_tiers(storage_fingerprint(model_fingerprint, self.layout, self.rank, self.world_size),
-                             num_slots)
+            self._open_tiers(storage_fingerprint(model_fingerprint, self.layout, self.share.rank,
+                                                 self.share.world_size), num_slots)
         logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB%s",
                     self.rank, self.world_size, kv.num_layers, kv.page_bytes, num_slots, slot_bytes / 1e6,
                     ", tiers: " + ", ".join(t.name for t in self.tiers) if self.tiers else "")
@@ -163,9 +164,10 @@ class OffloadWorker:
     def _open_tiers(self, fingerprint: bytes, num_slots: int) -> None:
         s = self.settings
         if s.local_disk is not None:
-            from kvoffload.tiers.disk import HEADER_SIZE, DiskTier
-            disk_bytes = s.disk_bytes // self.world_size
-            self.tiers.append(DiskTier(s.local_disk, fingerprint, disk_bytes))
+            from kvoffload.tiers.disk import HEADER_SIZE, DiskReader, DiskTier
+            disk_bytes = s.disk_bytes // self.share.world_size
+            tier = DiskTier if self.share.writes else DiskReader
+            self.tiers.append(tier(s.local_disk, fingerprint, disk_bytes))
             chunk_bytes = HEADER_SIZE + self.pool.tensor[0].numel() if self.pool is not None else 0
             if disk_bytes < chunk_bytes:
                 logger.warning("kvoffload: max_local_disk_size (%.6f GB per worker) is smaller than one chunk "
@@ -174,10 +176,11 @@ class OffloadWorker:
         if s.remote_url is not None:
             from kvoffload.tiers.redis_tier import RedisTier
             self.tiers.append(RedisTier.from_settings(s, fingerprint))
-        if self.tiers:
+        if self.tiers and self.share.writes:
             from kvoffload.tiers.writer import AsyncWriter
             # Queued writes hold their host slots; an eighth of the pool keeps most of it serving hits.
             self.writers = [AsyncWriter(tier, max_pending=max(4, num_slots // 8)) for tier in self.tiers]
+        if self.tiers:
             self._prefetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvoffload-prefetch")
 
     # ---- per step -----------------------------------------------------------------------------------
@@ -395,6 +398,9 @@ class OffloadWorker:
         last writer called back."""
         assert self.pool is not None and chunk.persist_op is not None
         op = chunk.persist_op
+        if not self.share.writes:  # rank 0 writes the one copy (see storage_share); its outcome decides
+            self._results.put((op, True, None))
+            return
         payload = self.pool.payload(chunk.slot, chunk.num_pages)
         outcomes: list[PutResult] = []
         lock = threading.Lock()  # writers of two tiers may finish at once: report the chunk exactly once
