@@ -262,6 +262,21 @@ def store_prompt(engine: TPEngine, req: Request, block_ids: list[int]) -> None:
     engine.step(schedule_new(req, block_ids, 0, len(PROMPT)))
 
 
+def load_after_restart(engine: TPEngine, req: Request, first_block: int) -> list[int]:
+    """In an engine just started on a tier that holds ``req``'s prompt: ask (vLLM comes back while the chunks are
+    prefetched) until all but the last token hit, and load them into fresh blocks from ``first_block``."""
+    engine.step()  # the first report carries the workers' layout, which names the storage
+    deadline = time.monotonic() + 20
+    while (answer := engine.scheduler.get_num_new_matched_tokens(req, 0))[0] is None:
+        assert time.monotonic() < deadline, "prefetch never completed"
+        engine.step()
+        time.sleep(0.01)
+    assert answer[0] == len(req.prompt_token_ids) - 1
+    blocks = list(range(first_block, first_block + PROMPT_BLOCKS))
+    engine.load_into(req, blocks, answer[0])
+    return blocks
+
+
 def wait_idle(engine: TPEngine, timeout: float = 20.0) -> None:
     """Step (no requests) until every planned copy, write and prefetch was reported by every rank."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,8 @@ from tests.conftest import EngineRun, run_engine  # noqa: E402
 from tests.greedy import assert_same_greedy, differs_beyond_ties  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.harness import (BLOCK, LAYERS, PROMPT, PROMPT_BLOCKS, SLOTS_PER_RANK, Blocks, Request,  # noqa: E402
-                           SchedulerOutput, TPEngine, kv_cache_config, schedule_new, store_prompt, vllm_config,
-                           wait_idle)
+                           SchedulerOutput, TPEngine, kv_cache_config, load_after_restart, schedule_new,
+                           store_prompt, vllm_config, wait_idle)
 
 # ---- unit level: two ranks, one scheduler --------------------------------------------------------------
 
@@ -512,17 +511,7 @@ def test_disk_tier_round_trip_keeps_each_rank_shard(tmp_path: Path) -> None:
     first.shutdown()
 
     second = TPEngine(local_disk=disk, max_local_disk_size=0.01)  # a restart: empty host pools
-    second.step()  # the first report carries the workers' layout, which names the storage
-    b = Request("b", PROMPT)
-    deadline = time.monotonic() + 20
-    while (answer := second.scheduler.get_num_new_matched_tokens(b, 0))[0] is None:
-        assert time.monotonic() < deadline, "prefetch from disk never completed"
-        second.step()
-        time.sleep(0.01)
-    need = answer[0]
-    assert need == len(PROMPT) - 1
-    b_blocks = list(range(30, 30 + PROMPT_BLOCKS))
-    second.load_into(b, b_blocks, need)
+    b_blocks = load_after_restart(second, Request("b", PROMPT), 30)
     for rank in range(2):
         assert torch.equal(second.pages(rank, b_blocks).view(torch.uint8), shards[rank].view(torch.uint8))
     second.shutdown()
@@ -561,16 +550,7 @@ def test_mla_ranks_keep_one_copy_in_the_persistent_tier_and_each_loads_it(
     first.shutdown()
 
     second = TPEngine(mla=True, **extra)  # a restart: empty host pools
-    second.step()
-    b = Request("b", PROMPT)
-    deadline = time.monotonic() + 20
-    while (answer := second.scheduler.get_num_new_matched_tokens(b, 0))[0] is None:
-        assert time.monotonic() < deadline, "prefetch never completed"
-        second.step()
-        time.sleep(0.01)
-    assert answer[0] == len(PROMPT) - 1
-    b_blocks = list(range(30, 30 + PROMPT_BLOCKS))
-    second.load_into(b, b_blocks, answer[0])
+    b_blocks = load_after_restart(second, Request("b", PROMPT), 30)
     assert second.holds(b_blocks, [latent, latent])
     assert [w.tiers[0].stats.hits for w in second.workers] == [4, 4], "each rank read the one copy"
     second.shutdown()
