@@ -67,9 +67,9 @@ def storage_share(vllm_config: Any, kv_cache_config: Any, rank: int) -> StorageS
     divide what the disk and Redis hold by the TP size, so every rank names rank 0's namespace, rank 0 writes
     it and the others only read it (and report their write-outs done: rank 0's outcome decides). Decode context
     and prefill context parallelism split an MLA cache by token over the ranks: then each keeps its own namespace."""
-    world_size = vllm_config.parallel_config.world_size
-    specs = {type(group.kv_cache_spec).__name__ for group in kv_cache_config.kv_cache_groups}
     parallel = vllm_config.parallel_config
+    world_size = parallel.world_size
+    specs = {type(group.kv_cache_spec).__name__ for group in kv_cache_config.kv_cache_groups}
     split = parallel.decode_context_parallel_size * parallel.prefill_context_parallel_size
     if world_size > 1 and split == 1 and specs <= set(_MLA_SPECS):
         return StorageShare(rank=0, world_size=1, writes=rank == 0)
