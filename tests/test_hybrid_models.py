@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -111,3 +112,20 @@ def test_zeroing_the_sliding_window_pages_changes_outputs(model: str, baseline: 
     assert max(run.hit_tokens()) > 2 * WINDOW
     assert_same_greedy(run.rounds[0], baseline, what="first pass (nothing loaded) changed the output")
     assert differs_beyond_ties(run.rounds[1], baseline)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sliding_window_hybrid_on_a_gpu_with_cuda_graphs(tmp_path: Path) -> None:
+    """The same contract on CUDA with vLLM's default CUDA graphs (vLLM 0.26 on the H100): the hybrid manager
+    stays on with the KV capacity of the engine without kvoffload, and each prompt's second pass hits and
+    answers as without kvoffload. ``kv_cache_memory_bytes`` fixes the KV cache bytes of both engines."""
+    model = str(write_tiny_arch(tmp_path / "gemma3", "gemma3"))
+    engine = {"enforce_eager": False, "kv_cache_memory_bytes": 2**30}
+    baseline = run_engine(spec(model, engine=engine))
+    run = run_engine(spec(model, rounds=2, connector="plugin", engine=engine))
+    assert "requires PIECEWISE CUDA graph mode" not in run.log
+    assert capacity(run) == capacity(baseline)
+    assert run.hit_tokens() == [0, 0, 0] + [len(p.split()) - 1 for p in PROMPTS]
+    for outputs in run.rounds:
+        assert_same_greedy(outputs, baseline)
