@@ -11,7 +11,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONPATH="$PYTHONPATH:$PWD/src" VLLM_USE_FLASHINFER_SAMPLER=0
-python3 - "${PYTHONPATH%%:*}" <<'PY'
+PYTHON="${PYTHON:-python3}"  # the GPU machine's interpreter; the test here passes its own
+"$PYTHON" - "${PYTHONPATH%%:*}" <<'PY'
 import sys, tomllib
 from pathlib import Path
 project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
@@ -28,9 +29,9 @@ PY
 # The examples' GPU tests use DOCS_GPU_MODEL (default Qwen/Qwen3-8B, not on the machine): a tiny model unless set.
 if [ -z "${DOCS_GPU_MODEL:-}" ]; then
   export DOCS_GPU_MODEL="$OUT/tiny-model"
-  python3 tests/tiny_model.py "$DOCS_GPU_MODEL" >/dev/null || exit 1
+  "$PYTHON" tests/tiny_model.py "$DOCS_GPU_MODEL" >/dev/null || exit 1
 fi
 # The files holding gpu tests only: the others may import what the GPU machine lacks (redis-py)
 mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py tests/docs/test_*.py)
-python3 -m pytest "${files[@]}" -m gpu -q -p no:cacheprovider -rs --junitxml="$OUT/gpu_pytest.xml" 2>&1 | tee "$OUT/gpu_pytest.log"
+"$PYTHON" -m pytest "${files[@]}" -m gpu -q -p no:cacheprovider -rs --junitxml="$OUT/gpu_pytest.xml" 2>&1 | tee "$OUT/gpu_pytest.log"
 exit "${PIPESTATUS[0]}"

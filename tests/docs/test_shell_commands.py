@@ -79,6 +79,8 @@ COVERAGE: dict[str, tuple[str, str]] = {
     "python benchmarks/scheduler_cost.py --arch qwen3-8b":
         elsewhere("tests/test_scheduler_cost.py::test_second_run_loads_every_chunk_and_the_hooks_are_timed"),
     "python benchmarks/issue_cost.py": skip(GPU),
+    "OUT=/tmp/gpu-tests PYTHONPATH=$HOME/site bash benchmarks/gpu_vllm_checks.sh":
+        elsewhere("tests/test_gpu_checks_script.py::test_the_script_registers_the_plugin_and_selects_every_gpu_test"),
     "OUT=/tmp/gpu-checks bash benchmarks/run_gpu_checks.sh": skip(GPU),
     "cp /tmp/gpu-checks/copy_bandwidth.json benchmarks/results/copy_bandwidth_h100.json": skip(GPU),
     "python benchmarks/plot.py": run("test_plot_command"),
