@@ -69,6 +69,11 @@ GPU_GIB = 24.0  # the seed script's GPU memory for vLLM
 MEMORY_GIB = {"gemma-3-12b": (40.0, 45.0)}
 
 
+def memory_gib(arch: str) -> tuple[float, float]:
+    """(GPU memory for vLLM, host pool of each offloading mode) in GiB for ``arch``."""
+    return MEMORY_GIB.get(arch, (GPU_GIB, POOL_GIB))
+
+
 def write_config(arch: str) -> str:
     path = Path(tempfile.gettempdir()) / f"kvoffload-bench-{arch}"
     path.mkdir(exist_ok=True)
@@ -88,7 +93,7 @@ def run_mode(mode: str, arch: str, scenarios: list[str], graphs: str = "eager") 
     from vllm.config import KVTransferConfig
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    gpu_gib, pool_gib = MEMORY_GIB.get(arch, (GPU_GIB, POOL_GIB))
+    gpu_gib, pool_gib = memory_gib(arch)
     kwargs: dict = dict(model=write_config(arch), load_format="dummy", skip_tokenizer_init=True,
                         enforce_eager=graphs == "eager", max_model_len=16384, enable_prefix_caching=False,
                         gpu_memory_utilization=gpu_gib / total, seed=0, disable_log_stats="decode" not in scenarios)

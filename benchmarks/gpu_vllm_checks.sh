@@ -22,8 +22,9 @@ info.mkdir(parents=True, exist_ok=True)
 groups = project["entry-points"]
 (info / "entry_points.txt").write_text("".join(
     f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items()) for group, points in groups.items()))
-from importlib.metadata import entry_points
-assert any(ep.value == "kvoffload.vllm.plugin:register" for ep in entry_points(group="vllm.general_plugins"))
+from importlib.metadata import distributions
+written = [ep for dist in distributions(path=[sys.argv[1]]) for ep in dist.entry_points]
+assert [ep.value for ep in written if ep.group == "vllm.general_plugins"] == ["kvoffload.vllm.plugin:register"]
 print(f"registered {info}")
 PY
 # The examples' GPU tests use DOCS_GPU_MODEL (default Qwen/Qwen3-8B, not on the machine): a tiny model unless set.

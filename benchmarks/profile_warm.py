@@ -139,16 +139,17 @@ def main() -> None:
     os.environ["KVO_TRACE"] = str(trace)
 
     import torch
-    from e2e_gpu import POOL_GIB, seed_prompts, wait_until_serving, write_config
+    from e2e_gpu import memory_gib, seed_prompts, wait_until_serving, write_config
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    gpu_gib, pool_gib = memory_gib(args.arch)
     llm = LLM(model=write_config(args.arch), load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
-              max_model_len=16384, enable_prefix_caching=False, gpu_memory_utilization=24 / total, seed=0,
+              max_model_len=16384, enable_prefix_caching=False, gpu_memory_utilization=gpu_gib / total, seed=0,
               kv_transfer_config=KVTransferConfig(
                   kv_connector="TracingConnector", kv_role="kv_both", kv_connector_module_path="profile_warm",
-                  kv_connector_extra_config={"max_local_cpu_size": POOL_GIB * 2**30 / 1e9}))
+                  kv_connector_extra_config={"max_local_cpu_size": pool_gib * 2**30 / 1e9}))
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
     def traced(name: str, prompts: list[list[int]]) -> None:
