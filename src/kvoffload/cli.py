@@ -22,7 +22,8 @@ def engine_start_note(settings: Settings) -> str:
     """What ``kvoffload config`` cannot check: it depends on the model and vLLM's settings, known at engine start."""
     return (
         "kvoffload: note: checked only when the engine starts, where the model and vLLM's settings are known: "
-        f"chunk_size {settings.chunk_size} must be a multiple of the engine's KV block size; each tensor-parallel "
+        f"chunk_size {settings.chunk_size} must be a multiple of the engine's KV block size (left at its default, it "
+        "is rounded up to whole blocks); each tensor-parallel "
         "rank's share of max_local_cpu_size must hold one chunk of the model; local_disk must be a writable "
         "directory; the remote_url server is not contacted here"
     )

@@ -46,6 +46,9 @@ class Entry:
     #: Where the bytes came from, for vLLM's per-source hit metric: HOST, or the persistent tier ("disk",
     #: "redis") a prefetch read them from, until the first load planned from the entry (then the host pool).
     origin: str = HOST
+    #: The slot also holds the Mamba/linear-attention state after the chunk's last token (a model with state
+    #: groups, ``SlotLayout.has_state``): only such a chunk may end a hit.
+    has_state: bool = False
 
 
 class HostIndex:

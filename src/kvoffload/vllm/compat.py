@@ -33,6 +33,12 @@ block ids (tuples) in ``NewRequestData.block_ids`` / ``CachedRequestData.new_blo
 0.34. 0.32 added ``get_loaded_kv_cache_group_ids`` (the groups whose blocks an asynchronous load writes, which vLLM
 then does not zero) and ``supports_divergent_local_hybrid_hits``; the connector defines the first (every group),
 keeps the base class's False for the second, and earlier releases never call either.
+
+Mamba / linear-attention state (vLLM's ``mamba_cache_mode="align"``): from 0.32 the scheduler hands a connector
+the exact block of every boundary state it keeps (``SchedulerOutput.kv_connector_block_state``, its
+``boundary_state_offloads``; read in 0.32, 0.33 and 0.34 ``v1/core/sched/output.py``). Before 0.32 an align-mode
+block table is not the append-only list a connector sees, so no boundary's state block can be named:
+:data:`STATE_HANDOFF` is False and kvoffload refuses such models at start.
 """
 
 from __future__ import annotations
@@ -112,6 +118,21 @@ def _field_names(cls: type) -> set[str]:
 VLLM_RELEASE = check()
 RESUMED_AS_NEW = VLLM_RELEASE >= RESUMED_AS_NEW_SINCE
 _RUNNER_OUTPUT_INDEXED = "req_id_to_index" in _field_names(ModelRunnerOutput)
+#: Whether this release names the block of each Mamba boundary state it keeps (see the module docstring).
+STATE_HANDOFF = "kv_connector_block_state" in _field_names(SchedulerOutput)
+
+
+def boundary_states(scheduler_output: SchedulerOutput) -> dict[str, dict[int, dict[int, int]]]:
+    """The Mamba boundary states of this step: request -> KV cache group -> boundary (tokens) -> block.
+
+    The state after ``boundary`` tokens is in that block once this step's forward ran; vLLM may free the block a
+    step later, so a store of it must be issued in this step's plan."""
+    block_state = getattr(scheduler_output, "kv_connector_block_state", None)
+    out: dict[str, dict[int, dict[int, int]]] = {}
+    for req_id, offers in (block_state.boundary_state_offloads if block_state is not None else {}).items():
+        for group, block, boundary in offers:
+            out.setdefault(req_id, {}).setdefault(group, {})[boundary] = block
+    return out
 
 
 def resumed_req_ids(cached: CachedRequestData) -> Collection[str]:

@@ -23,22 +23,19 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
 
     Both sides call it before anything else: without it a state-space model got as far as the fingerprint
     (``MambaSpec`` has no ``dtype``) and died with an ``AttributeError``. Several KV cache groups (vLLM's hybrid
-    KV cache manager) are offloaded when every group is full or sliding-window attention with one block size
-    and page size (see :class:`SlotLayout`); other kinds of groups are refused by name."""
-    from vllm.v1.kv_cache_interface import MambaSpec
-
+    KV cache manager) are offloaded when every group is full or sliding-window attention or Mamba/linear-attention
+    state, with one block size and page size (see :class:`SlotLayout`); other kinds of groups are refused by name.
+    State is stored at chunk boundaries, which needs vLLM's align mode (:func:`_check_state_groups`)."""
     groups = kv_cache_config.kv_cache_groups
-    if any(isinstance(group.kv_cache_spec, MambaSpec) for group in groups):
-        raise UnsupportedModel("kvoffload cannot offload this model: it keeps Mamba/linear-attention state caches "
-                               "(state-space or Gated-DeltaNet layers), which kvoffload does not store yet; run it "
-                               "without --kv-transfer-config")
+    kinds = [type(group.kv_cache_spec).__name__ for group in groups]
+    if any(kind in _STATE_SPECS for kind in kinds):
+        _check_state_groups(vllm_config, kv_cache_config)
     if len(groups) > 1:
-        kinds = [type(group.kv_cache_spec).__name__ for group in groups]
-        odd = sorted({kind for kind in kinds if kind not in _FULL_SPECS + _SLIDING_SPECS})
+        odd = sorted({kind for kind in kinds if kind not in _FULL_SPECS + _SLIDING_SPECS + _STATE_SPECS})
         if odd:
             raise UnsupportedModel(f"kvoffload cannot offload this hybrid model: its KV cache groups include "
                                    f"{', '.join(odd)}, and kvoffload offloads only full and sliding-window attention "
-                                   "groups; run it without --kv-transfer-config")
+                                   "and Mamba state groups; run it without --kv-transfer-config")
         shapes = {(group.kv_cache_spec.block_size, group.kv_cache_spec.page_size_bytes) for group in groups}
         if len(shapes) != 1:
             raise UnsupportedModel(f"kvoffload cannot offload this hybrid model: its KV cache groups have different "
@@ -47,6 +44,35 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise UnsupportedModel("kvoffload does not support pipeline parallelism yet; use tensor parallelism or run "
                                "without --kv-transfer-config")
+
+
+def _check_state_groups(vllm_config: Any, kv_cache_config: Any) -> None:
+    """Refuse a Mamba / Gated-DeltaNet model whose state kvoffload cannot store at chunk boundaries.
+
+    A hit must resume the recurrent state of exactly its last token. vLLM keeps that state at block boundaries
+    only in its align mode (``mamba_cache_mode="align"``, on with prefix caching), and names the block of each
+    kept boundary to a connector only from 0.32 on (:data:`kvoffload.vllm.compat.STATE_HANDOFF`). A model of
+    state layers only (no attention group) is refused too: its chunks would be the state alone, which is not
+    tested."""
+    from kvoffload.vllm import compat
+
+    groups = kv_cache_config.kv_cache_groups
+    state = [group.kv_cache_spec for group in groups if type(group.kv_cache_spec).__name__ in _STATE_SPECS]
+    if len(state) == len(groups):
+        raise UnsupportedModel("kvoffload cannot offload this model: it keeps only Mamba/linear-attention state "
+                               "caches (a state-space model without attention layers); run it without "
+                               "--kv-transfer-config")
+    if not compat.STATE_HANDOFF:
+        raise UnsupportedModel(f"kvoffload cannot offload this model on vLLM {compat.vllm.__version__}: it keeps "
+                               "Mamba/linear-attention state caches, which kvoffload stores from vLLM 0.32 on (the "
+                               "first release that names each boundary state's block); upgrade vLLM or run without "
+                               "--kv-transfer-config")
+    modes = sorted({getattr(spec, "mamba_cache_mode", "none") for spec in state})
+    if modes != ["align"]:
+        raise UnsupportedModel(f"kvoffload cannot offload this model with mamba_cache_mode {', '.join(modes)}: its "
+                               "Mamba/linear-attention state is kept at chunk boundaries only in vLLM's 'align' "
+                               "mode, which prefix caching turns on; drop --no-enable-prefix-caching (or set "
+                               "--mamba-cache-mode align), or run without --kv-transfer-config")
 
 
 @dataclass(frozen=True)
@@ -103,6 +129,7 @@ def full_graph_query_len(vllm_config: Any) -> float:
 _FULL_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
 _SLIDING_SPECS = ("SlidingWindowSpec", "SlidingWindowMLASpec")
 _MLA_SPECS = ("MLAAttentionSpec", "SlidingWindowMLASpec")  # one latent per token, the same on every TP rank
+_STATE_SPECS = ("MambaSpec",)  # Mamba-1/2, Gated DeltaNet and other linear attention: one state per request
 
 
 @dataclass(frozen=True)
@@ -113,10 +140,13 @@ class GroupSlot:
     window: int | None  # sliding window in tokens (with vLLM's extra retained tokens); None: full attention
     first_page: int  # slot page of this group's first page
     num_pages: int  # slot pages this group has
+    state: bool = False  # a Mamba/linear-attention state group: one page, the state at the chunk's end
 
     def stored_pages(self, chunk_pages: int, chunk_tokens: int, block_size: int) -> range:
         """The pages of a chunk (chunk page indexes) this group keeps in the slot.
 
+        State: the chunk's last page, whose vLLM block (align mode) holds the state after the chunk's last token,
+        when vLLM kept that boundary (the scheduler stores it only then, ``Entry.has_state``).
         Full attention: all of them. Sliding window: the pages holding the ``window`` tokens before the chunk's
         end boundary (``chunk_tokens`` into it), one token more than the window: a load that ends at that boundary
         reads the window of its next token, ``window - 1`` tokens, and a load of a whole prompt ends one token
@@ -124,6 +154,8 @@ class GroupSlot:
         load (``SlidingWindowManager``: the blocks below the window are the null block), and the only ones still
         allocated when the chunk is stored: vLLM frees the blocks that left the window as the prefill advances. A
         load ending at a later boundary reads this chunk's pages that are in its own window, a subset of these."""
+        if self.state:
+            return range(chunk_pages - 1, chunk_pages)
         if self.window is None:
             return range(chunk_pages)
         return range(max(0, (chunk_tokens - self.window) // block_size), chunk_pages)
@@ -159,6 +191,15 @@ class SlotLayout:
     page_bytes: int
 
     @property
+    def has_state(self) -> bool:
+        """Whether a chunk also keeps Mamba/linear-attention state: a hit must then end where a state is stored."""
+        return any(group.state for group in self.groups)
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.pages_per_chunk * self.block_size
+
+    @property
     def pages_per_slot(self) -> int:
         return sum(group.num_pages for group in self.groups)
 
@@ -179,7 +220,8 @@ class SlotLayout:
     def describe(self) -> str:
         """Per group what is offloaded, for the start log line."""
         token_bytes = self.num_layers * self.page_bytes / self.block_size
-        parts = [f"group {g.group}: " + ("full attention" if g.window is None else f"sliding window {g.window}")
+        parts = [f"group {g.group}: " + ("Mamba/linear-attention state" if g.state else "full attention"
+                                         if g.window is None else f"sliding window {g.window}")
                  + f", {g.num_pages} pages per chunk" for g in self.groups]
         return "; ".join(parts) + f"; {token_bytes:.0f} bytes per token and group"
 
@@ -193,10 +235,13 @@ def slot_layout(settings: Settings, kv_cache_config: Any) -> SlotLayout:
     first = 0
     for index, group in enumerate(groups):
         window = None
-        if type(group.kv_cache_spec).__name__ in _SLIDING_SPECS:
+        kind = type(group.kv_cache_spec).__name__
+        if kind in _SLIDING_SPECS:
             window = group.kv_cache_spec.sliding_window + getattr(group.kv_cache_spec, "extra_retained_tokens", 0)
-        pages = per_chunk if window is None else min(per_chunk, -(-window // spec.block_size) + 1)
-        slots.append(GroupSlot(group=index, window=window, first_page=first, num_pages=pages))
+        pages = 1 if kind in _STATE_SPECS else per_chunk if window is None else \
+            min(per_chunk, -(-window // spec.block_size) + 1)
+        slots.append(GroupSlot(group=index, window=window, first_page=first, num_pages=pages,
+                               state=kind in _STATE_SPECS))
         first += pages
     # With the hybrid manager every group has as many layers as there are memory tensors (vLLM pads groups).
     num_layers = max(len(group.layer_names) for group in groups)
@@ -217,8 +262,18 @@ def slots_per_worker(settings: Settings, world_size: int, slot_bytes: int) -> in
 
 
 def pages_per_chunk(settings: Settings, kv_cache_config: Any) -> int:
-    """vLLM blocks per chunk; a chunk must be whole blocks, so ``chunk_size`` must be a multiple of them."""
-    block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    """vLLM blocks per chunk; a chunk must be whole blocks, so ``chunk_size`` must be a multiple of them.
+
+    Left at its default, a model with Mamba/linear-attention state gets one block per chunk: vLLM keeps a state at
+    a few block boundaries only (the last one of each prompt, mostly), and a hit can end only at a chunk's end whose
+    state is stored, so a chunk of several blocks would seldom end at one. Other models get the default rounded up
+    to whole blocks. A ``chunk_size`` that was set must fit exactly."""
+    groups = kv_cache_config.kv_cache_groups
+    block_size = groups[0].kv_cache_spec.block_size
+    if settings.sources.get("chunk_size", "default") == "default":
+        if any(type(group.kv_cache_spec).__name__ in _STATE_SPECS for group in groups):
+            return 1
+        return -(-settings.chunk_size // block_size)
     if settings.chunk_size % block_size:
         raise ConfigError(
             f"invalid value {settings.chunk_size!r} for 'chunk_size' (from {settings.sources.get('chunk_size')}): "
@@ -233,7 +288,8 @@ def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprin
     The path or hub id is kept for logs but proves nothing on its own: weights overwritten in place or an
     ``hf_overrides`` change (``rope_theta``) give the same name and other KV, so both the effective config
     and a digest of the weight files are part of it (``kvoffload.model_digest``)."""
-    group = kv_cache_config.kv_cache_groups[0]
+    # The first attention group (a Mamba hybrid may list a state group first; check_supported refuses state only).
+    group = next(g for g in kv_cache_config.kv_cache_groups if type(g.kv_cache_spec).__name__ not in _STATE_SPECS)
     spec = group.kv_cache_spec
     model = vllm_config.model_config
     return ModelFingerprint(

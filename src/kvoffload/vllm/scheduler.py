@@ -46,6 +46,15 @@ group's blocks vLLM allocated for the hit (a sliding-window group's blocks below
 block and are left alone). Each copy-list entry names a block and a slot page, and the workers copy every layer
 tensor of it: the groups' layers overlay the same tensors, so a block holds exactly its group's KV.
 
+Mamba / Gated-DeltaNet hybrids (a state group beside attention groups, vLLM's align mode): a recurrent state
+cannot be cut at any token, only resumed from where vLLM kept it. vLLM keeps the state after a step's last token,
+at block boundaries, and names that block each step (``kvoffload.vllm.compat.boundary_states``). A chunk whose end
+is such a boundary stores that block as its state page (``Entry.has_state``); a hit then ends at the last chunk of
+the run that has one, and its load writes the state into the one Mamba block vLLM allocates for the hit. Those
+loads are asynchronous: vLLM copies a hit's state into the request's running block before the step's forward and
+before a connector's ``start_load_kv`` (``preprocess_mamba``), so the state must be in before the request runs. A
+prompt's last, partial chunk is not stored: a hit never ends there.
+
 How much one step loads: with asynchronous scheduling vLLM plans step *N+1* while step *N* runs, so the loads
 it admits then queue right behind step *N*'s on the copy engine, which stays busy across the step boundary.
 That needs free GPU blocks while step *N*'s loads hold theirs: the loads admitted in one step take at most
@@ -158,7 +167,7 @@ class OffloadScheduler:
         self.settings = settings
         self.layout = slot_layout(settings, kv_cache_config)
         self.block_size = self.layout.block_size
-        self.chunk_size = settings.chunk_size
+        self.chunk_size = self.layout.chunk_tokens
         self.pages_per_chunk = self.layout.pages_per_chunk
         self.world_size = vllm_config.parallel_config.world_size
         self.share = storage_share(vllm_config, kv_cache_config, rank=0)  # the namespace the lookups name
@@ -268,6 +277,9 @@ class OffloadScheduler:
             if self.persistent is not None and state.prefetch_open:
                 return Decision(Answer.FETCH, entries)
         request = state.request
+        if self.layout.has_state:  # end on the last chunk whose state is stored, before the token vLLM computes
+            limit = min(len(entries), min(request.num_prompt_tokens, request.num_tokens - 1) // self.chunk_size)
+            entries = entries[:next((k for k in range(limit, 0, -1) if entries[k - 1].has_state), 0)]
         hit_tokens = min(len(entries) * self.chunk_size, request.num_prompt_tokens, request.num_tokens - 1)
         if hit_tokens <= num_computed_tokens:
             return Decision(Answer.MISS, entries, hit_tokens)
@@ -303,7 +315,7 @@ class OffloadScheduler:
         if decision.answer is not Answer.HIT:
             state.hit = None
             return 0, False
-        state.load_async = bool(self._async_loads) or (
+        state.load_async = self.layout.has_state or bool(self._async_loads) or (
             self._in_flight[OpKind.LOAD] > 0 and any(self._will_compute(req_id) for req_id in self._running))
         first, last = num_computed_tokens // self.chunk_size, math.ceil(decision.hit_tokens / self.chunk_size)
         loaded = decision.entries[first:last]
@@ -448,7 +460,8 @@ class OffloadScheduler:
             first, end = max(first_block, base) - base, min(end_block, base + self.pages_per_chunk) - base
             held = self._held.get(entry.key)
             block_ids, pages, sources = self._load_pages(state, group_blocks, first_chunk + position, first, end,
-                                                         held[1] if held else None)
+                                                         held[1] if held else None,
+                                                         with_state=position == len(entries) - 1)
             copies.append(ChunkCopy(op=self._start(OpKind.LOAD, entry), slot=entry.slot, block_ids=block_ids,
                                     first_page=pages[0] if pages else first, num_pages=entry.num_pages,
                                     source_block_ids=sources,
@@ -470,9 +483,13 @@ class OffloadScheduler:
             if index >= len(state.prompt_keys) else self.chunk_size
 
     def _load_pages(self, state: _Request, group_blocks: Any, index: int, first: int, end: int,
-                    held: list[dict[int, int]] | None) -> tuple[list[int], list[int], list[int] | None]:
+                    held: list[dict[int, int]] | None,
+                    with_state: bool) -> tuple[list[int], list[int], list[int] | None]:
         """The blocks to fill from chunk ``index``'s slot (pages ``first`` to ``end`` of the chunk), every KV cache
         group's one after the other, their slot pages, and the held blocks to copy them from instead (or None).
+
+        A state group is loaded only from the hit's last chunk (``with_state``), into the block vLLM allocated at
+        the hit's end; its other blocks are the null block.
 
         A sliding-window group gets only the blocks vLLM allocated: those below the window of the load's next token
         are vLLM's null block, never written (kvoffload.vllm.compat.NULL_BLOCK_ID). What it did allocate is within
@@ -487,11 +504,13 @@ class OffloadScheduler:
         for group in self.layout.groups:
             ids = group_blocks[group.group]
             stored = group.stored_pages(chunk_pages, chunk_tokens, self.block_size)
-            for page in range(first, end):
+            if group.state and not with_state:
+                continue
+            for page in range(stored.start if group.state else first, end):
                 block = ids[base + page]
                 if group.window is not None and block == compat.NULL_BLOCK_ID:
                     continue
-                if page not in stored:
+                if page not in stored or (group.state and block == compat.NULL_BLOCK_ID):
                     raise RuntimeError(f"kvoffload: vLLM allocated page {page} of chunk {index} of request "
                                        f"{state.request.request_id} in KV cache group {group.group}, which kvoffload "
                                        "did not store; please report this")
@@ -526,6 +545,7 @@ class OffloadScheduler:
                 state.block_ids = []
                 state.stored_blocks = {}
                 plan.preempted.append(req_id)
+        states = compat.boundary_states(scheduler_output) if self.layout.has_state else {}
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is None:
@@ -533,7 +553,7 @@ class OffloadScheduler:
             state.block_ids = [list(ids) for ids in new.block_ids]  # from 0.34 also a resumed request's (compat)
             state.stored_blocks = {}
             self._plan_stores(state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id],
-                              plan)
+                              plan, states.get(new.req_id, {}))
         cached = scheduler_output.scheduled_cached_reqs
         resumed = compat.resumed_req_ids(cached)
         for i, req_id in enumerate(cached.req_ids):
@@ -550,12 +570,15 @@ class OffloadScheduler:
                 for group_ids, ids in zip(state.block_ids, new_ids):
                     group_ids.extend(ids)
             self._plan_stores(state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id],
-                              plan)
+                              plan, states.get(req_id, {}))
         self.stats.set("pool_used_bytes", self.index.used_slots * self.slot_bytes)
         self.stats.set("pool_bytes", self.index.num_slots * self.slot_bytes)
         return plan
 
-    def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
+    def _plan_stores(self, state: _Request, computed: int, plan: StepPlan,
+                     boundary_states: dict[int, dict[int, int]]) -> None:
+        """Store the chunks ``computed`` completes; ``boundary_states``: this step's state blocks of the request
+        (KV cache group -> boundary -> block), for a model with state groups."""
         request = state.request
         prompt = request.num_prompt_tokens
         # Only tokens vLLM has verified: with async scheduling or speculative decoding the scheduled tokens run
@@ -570,7 +593,8 @@ class OffloadScheduler:
             if start + self.chunk_size <= limit:
                 key, num_tokens = self._whole_key(state, chunk), self.chunk_size
                 state.next_chunk += 1
-            elif not state.tail_done and state.tail_key is not None and start < prompt <= limit:
+            elif not state.tail_done and state.tail_key is not None and start < prompt <= limit \
+                    and not self.layout.has_state:
                 key, num_tokens = state.tail_key, prompt - start
                 state.tail_done = True
             else:
@@ -580,14 +604,16 @@ class OffloadScheduler:
                 self.index.touch(known)
                 continue
             num_pages = math.ceil(num_tokens / self.block_size)
-            stored = self._store_pages(state, start // self.block_size, num_pages, num_tokens)
+            stored = self._store_pages(state, start // self.block_size, num_pages, num_tokens,
+                                       boundary_states)
             if stored is None:
                 break
-            block_ids, pages, by_group = stored
+            block_ids, pages, by_group, has_state = stored
             entry = self.index.prepare(key, self.layout.payload_pages(num_pages), SlotState.STORING)
             if entry is None:  # every slot is busy being loaded, stored or written out
                 self.stats.add("skipped_stores", 1)
                 continue
+            entry.has_state = has_state
             self.events.describe(key, request, start, num_tokens)
             copies.append(ChunkCopy(op=self._start(OpKind.STORE, entry), slot=entry.slot, block_ids=block_ids,
                                     first_page=0, num_pages=entry.num_pages, key=key,
@@ -600,14 +626,29 @@ class OffloadScheduler:
             plan.stores.append(RequestCopies(req_id=request.request_id, chunks=copies, num_tokens=tokens,
                                              total_tokens=request.num_tokens))
 
-    def _store_pages(self, state: _Request, first_block: int, num_pages: int,
-                     num_tokens: int) -> tuple[list[int], list[int], list[dict[int, int]]] | None:
+    def _store_pages(self, state: _Request, first_block: int, num_pages: int, num_tokens: int,
+                     boundary_states: dict[int, dict[int, int]],
+                     ) -> tuple[list[int], list[int], list[dict[int, int]], bool] | None:
         """The blocks of a chunk to store (every group's pages it keeps, ``GroupSlot.stored_pages``, one group after
-        the other), their slot pages and per group {chunk page: block}; None while vLLM has not given every block."""
+        the other), their slot pages, per group {chunk page: block}, and whether every state group's state at the
+        chunk's end is among them; None while vLLM has not given every attention block.
+
+        A state group's page is the block vLLM named this step for the boundary at the chunk's end: an align-mode
+        block list is not append-only, so ``state.block_ids`` cannot tell which block holds which state."""
         block_ids: list[int] = []
         pages: list[int] = []
         by_group: list[dict[int, int]] = []
+        end = (first_block + num_pages) * self.block_size
+        has_state = True
         for group in self.layout.groups:
+            if group.state:
+                block = boundary_states.get(group.group, {}).get(end)
+                has_state = has_state and block is not None
+                by_group.append({num_pages - 1: block} if block is not None else {})
+                if block is not None:
+                    block_ids.append(block)
+                    pages.append(group.first_page)
+                continue
             ids = state.block_ids[group.group] if group.group < len(state.block_ids) else []
             if len(ids) < first_block + num_pages:
                 return None
@@ -617,7 +658,7 @@ class OffloadScheduler:
                 block_ids.append(kept[page])
                 pages.append(group.slot_page(num_pages, page))
             by_group.append(kept)
-        return block_ids, pages, by_group
+        return block_ids, pages, by_group, has_state and self.layout.has_state
 
     def _whole_key(self, state: _Request, chunk: int) -> bytes:
         if chunk < len(state.prompt_keys):
@@ -652,9 +693,10 @@ class OffloadScheduler:
         if state.stored_any:
             # Only blocks vLLM keeps for us: never those of a preemption before, nor a sliding-window group's blocks
             # that left the window (vLLM freed them, they are its null block in block_ids now).
+            # Nor a model's with state: the block of a boundary state is named in its own step only.
             kept = [set(ids) for ids in block_ids]
-            keys = [key for key, blocks in state.stored_blocks.items()
-                    if all(g < len(kept) and kept[g].issuperset(pages.values()) for g, pages in enumerate(blocks))]
+            keys = [key for key, blocks in state.stored_blocks.items() if not self.layout.has_state
+                    and all(g < len(kept) and kept[g].issuperset(pages.values()) for g, pages in enumerate(blocks))]
             for key in keys:
                 self._held[key] = (request.request_id, state.stored_blocks[key])
             self._held_keys[request.request_id] = keys
@@ -691,8 +733,10 @@ class OffloadScheduler:
                 self.events.removed(key, events.STORAGE)
 
     def _wants_persistence(self) -> bool:
-        return self.fingerprint.identified and (self.settings.local_disk is not None
-                                                or self.settings.remote_url is not None)
+        """Whether to open the disk/remote index. Not for a model with state (``OffloadWorker`` says why in its log):
+        whether a chunk's slot holds its state (``Entry.has_state``) is not kept with the chunk on disk yet."""
+        return self.fingerprint.identified and not self.layout.has_state and (
+            self.settings.local_disk is not None or self.settings.remote_url is not None)
 
     def take_events(self) -> list[Any]:
         """KV cache events since the last call (``kvoffload.vllm.events``), for vLLM to publish."""

@@ -75,9 +75,10 @@ class OffloadWorker:
         self.settings = settings
         self.kv_cache_config = kv_cache_config
         self.slot_layout = slot_layout(settings, kv_cache_config)
-        # A sliding-window group's blocks are freed by vLLM while its request runs, as they leave the window: a
-        # store still reading one must be over before a later step's forward may write it (see handle_preemptions).
-        self._sliding = any(group.window is not None for group in self.slot_layout.groups)
+        # A sliding-window group's blocks are freed by vLLM while its request runs, as they leave the window, and so
+        # is a state group's block of a boundary once the next one is written: a store still reading one must be
+        # over before a later step's forward may write it (see handle_preemptions).
+        self._frees_running = any(group.window is not None or group.state for group in self.slot_layout.groups)
         parallel = vllm_config.parallel_config
         self.world_size = parallel.world_size
         self.rank = _tp_rank(self.world_size) if rank is None else rank
@@ -133,10 +134,14 @@ class OffloadWorker:
         self.layout = (f"{first.dtype};shape={tuple(first.shape[1:])};strides={tuple(first.stride()[1:])};"
                        f"page={kv.page_bytes};split={first.shape[0] // self.kv_cache_config.num_blocks}")
         if layout.compact:  # another slot layout: another namespace on disk/Redis (one group: as before)
-            self.layout += ";groups=" + ",".join("full" if g.window is None else f"window{g.window}:{g.num_pages}"
-                                                  for g in layout.groups)
+            self.layout += ";groups=" + ",".join("state" if g.state else "full" if g.window is None
+                                                  else f"window{g.window}:{g.num_pages}" for g in layout.groups)
         self._report.layout = self.layout
-        if model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
+        if layout.has_state and (self.settings.local_disk is not None or self.settings.remote_url is not None):
+            logger.warning("kvoffload: this model keeps Mamba/linear-attention state: its chunks stay in the host "
+                           "pool, and local_disk and remote_url are not used (whether a chunk holds its state is "
+                           "not kept with it on disk or in Redis yet)")
+        elif model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
             self._open_tiers(storage_fingerprint(model_fingerprint, self.layout, self.share.rank,
                                                  self.share.world_size), num_slots)
         logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB%s",
@@ -187,8 +192,8 @@ class OffloadWorker:
 
     def handle_preemptions(self, plan: StepPlan | None) -> None:
         """A preempted request's blocks are reused this very step: its stores must finish first."""
-        if self._sliding and kv_is_async(self):
-            for batch in self._stores:  # see __init__: before this step's forward may write a block left the window
+        if self._frees_running and kv_is_async(self):
+            for batch in self._stores:  # see __init__: before this step's forward may write a block vLLM freed
                 batch.fence.wait()
         if not isinstance(plan, StepPlan):
             return
@@ -489,15 +494,21 @@ def kv_is_async(worker: OffloadWorker) -> bool:
 def _distinct_memory(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The layer tensors of distinct memory, in order. With vLLM's hybrid KV cache manager the layers of
     different groups are views of the same memory (a block id belongs to one group at a time), so each memory
-    tensor is copied once per block, for whichever group owns the block."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    out = []
+    tensor is copied once per block, for whichever group owns the block.
+
+    Views of one memory are told by where they start and their block stride in bytes: a Mamba layer's view
+    (vLLM 0.32+: int8 ``[blocks, 1, 1, state bytes]``) covers only the state, not the padding up to the
+    attention page, so of such views the one with the largest block is kept: its pages are whole."""
+    out: dict[tuple[int, int], torch.Tensor] = {}
     for tensor in tensors:
-        key = (tensor.data_ptr(), tensor.stride(0), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
+        key = (tensor.data_ptr(), tensor.stride(0) * tensor.element_size())
+        if key not in out or _block_bytes(tensor) > _block_bytes(out[key]):
+            out[key] = tensor
+    return list(out.values())
+
+
+def _block_bytes(tensor: torch.Tensor) -> int:
+    return tensor[0].numel() * tensor.element_size()
 
 
 def _load_figures(batch: _Batch, share: float, seconds: float) -> str:

