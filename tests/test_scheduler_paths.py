@@ -279,13 +279,14 @@ def test_full_graph_steps_follow_vllms_cuda_graph_mode() -> None:
     assert query_len(CUDAGraphMode.FULL) == float("inf")
 
 
-@pytest.mark.parametrize("mode, layerwise", [("NONE", True), ("PIECEWISE", True), ("FULL_AND_PIECEWISE", False)])
-def test_a_load_in_a_step_vllm_may_replay_as_a_full_graph_is_in_before_the_forward(mode: str,
-                                                                                   layerwise: bool) -> None:
+@pytest.mark.parametrize("mode, layerwise", [("NONE", True), ("PIECEWISE", True), ("FULL_AND_PIECEWISE", None)])
+def test_a_load_in_a_step_vllm_may_replay_as_a_full_graph_is_held_aside(mode: str, layerwise: bool | None) -> None:
     """A prompt found whole but for its last token computes one token: with full CUDA graphs (vLLM's default)
     that step may be a graph replay that never calls ``wait_for_layer_load``, so a layer-by-layer load would be
-    read before it arrived. Its load must then be ordered whole before the forward (``layerwise=False``), and
-    stay layer by layer where the hooks run. The prompt's own store, a prefill, keeps the hooks in every mode."""
+    read before it arrived, and a whole load would run before the forward, not beside it. Its load is then
+    asynchronous (``layerwise=None``: no synchronous load at all, vLLM holds the request until it is in), and
+    stays synchronous, layer by layer, where the hooks run. The prompt's own store, a prefill, keeps the hooks in
+    every mode."""
     from vllm.config import CUDAGraphMode
 
     engine = TPEngine(world_size=1, cudagraph_mode=CUDAGraphMode[mode])
@@ -303,7 +304,8 @@ def test_a_load_in_a_step_vllm_may_replay_as_a_full_graph_is_in_before_the_forwa
         worker.backend.load_sync = lambda *copy_list, layerwise: asked.append(layerwise) or load_sync(
             *copy_list, layerwise=layerwise)
         blocks = engine.load_repeat("again", 1 + PROMPT_BLOCKS)
-        assert asked == [layerwise]
+        assert asked == ([] if layerwise is None else [layerwise])
+        assert engine.scheduler._requests["again"].load_async == (layerwise is None)
         engine.synchronize()
         assert torch.equal(engine.pages(0, blocks[:-1]), engine.pages(0, list(range(1, PROMPT_BLOCKS))))
     finally:

@@ -113,17 +113,15 @@ def test_a_state_model_without_prefix_caching_is_refused(model: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_state_model_on_a_gpu(tmp_path: Path) -> None:
-    """On CUDA (vLLM 0.26 on the H100): before 0.32 vLLM names no boundary state's block, so kvoffload refuses the
-    model at start with that reason; from 0.32 on, the contract above holds with CUDA graphs."""
+    """The contract above on CUDA with CUDA graphs, from vLLM 0.32 on. Before 0.32 kvoffload refuses state models
+    at start (``tests/test_hybrid_layout.py``); the GPU machine's vLLM 0.26 bundle also lacks the MoE kernels the
+    tiny Qwen3-Next needs (``_moe_C.topk_softmax``, seen on the H100 on 2026-12-07)."""
     from kvoffload.vllm import compat
 
+    if not compat.STATE_HANDOFF:
+        pytest.skip(f"vLLM {compat.vllm.__version__} is refused for state models (needs 0.32+)")
     model = str(write_tiny_arch(tmp_path / "qwen3_next", "qwen3_next"))
     engine = {**ENGINE, "enforce_eager": False, "kv_cache_memory_bytes": 2**30}
-    if not compat.STATE_HANDOFF:
-        refused = run_engine(spec(model, connector="plugin", engine=engine), expect_ok=False)
-        assert refused.metrics["returncode"] != 0
-        assert "which kvoffload stores from vLLM 0.32 on" in refused.log
-        return
     baseline = run_engine(spec(model, engine=engine))
     run = run_engine(spec(model, rounds=2, reset_prefix_cache=True, connector="plugin", engine=engine))
     assert capacity(run) == capacity(baseline)
