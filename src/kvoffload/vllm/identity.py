@@ -28,7 +28,7 @@ def check_supported(vllm_config: Any, kv_cache_config: Any) -> None:
     State is stored at chunk boundaries, which needs vLLM's align mode (:func:`_check_state_groups`)."""
     groups = kv_cache_config.kv_cache_groups
     kinds = [type(group.kv_cache_spec).__name__ for group in groups]
-    if any(kind in _STATE_SPECS for kind in kinds):
+    if any(map(_is_state, groups)):
         _check_state_groups(vllm_config, kv_cache_config)
     if len(groups) > 1:
         odd = sorted({kind for kind in kinds if kind not in _FULL_SPECS + _SLIDING_SPECS + _STATE_SPECS})
@@ -57,7 +57,7 @@ def _check_state_groups(vllm_config: Any, kv_cache_config: Any) -> None:
     from kvoffload.vllm import compat
 
     groups = kv_cache_config.kv_cache_groups
-    state = [group.kv_cache_spec for group in groups if type(group.kv_cache_spec).__name__ in _STATE_SPECS]
+    state = [group.kv_cache_spec for group in groups if _is_state(group)]
     if len(state) == len(groups):
         raise UnsupportedModel("kvoffload cannot offload this model: it keeps only Mamba/linear-attention state "
                                "caches (a state-space model without attention layers); run it without "
@@ -132,6 +132,10 @@ _MLA_SPECS = ("MLAAttentionSpec", "SlidingWindowMLASpec")  # one latent per toke
 _STATE_SPECS = ("MambaSpec",)  # Mamba-1/2, Gated DeltaNet and other linear attention: one state per request
 
 
+def _is_state(group: Any) -> bool:
+    return type(group.kv_cache_spec).__name__ in _STATE_SPECS
+
+
 @dataclass(frozen=True)
 class GroupSlot:
     """Where one KV cache group's pages of a chunk live in a host slot."""
@@ -190,7 +194,7 @@ class SlotLayout:
     num_layers: int
     page_bytes: int
 
-    @property
+    @functools.cached_property
     def has_state(self) -> bool:
         """Whether a chunk also keeps Mamba/linear-attention state: a hit must then end where a state is stored."""
         return any(group.state for group in self.groups)
@@ -235,13 +239,12 @@ def slot_layout(settings: Settings, kv_cache_config: Any) -> SlotLayout:
     first = 0
     for index, group in enumerate(groups):
         window = None
-        kind = type(group.kv_cache_spec).__name__
-        if kind in _SLIDING_SPECS:
+        if type(group.kv_cache_spec).__name__ in _SLIDING_SPECS:
             window = group.kv_cache_spec.sliding_window + getattr(group.kv_cache_spec, "extra_retained_tokens", 0)
-        pages = 1 if kind in _STATE_SPECS else per_chunk if window is None else \
+        pages = 1 if _is_state(group) else per_chunk if window is None else \
             min(per_chunk, -(-window // spec.block_size) + 1)
         slots.append(GroupSlot(group=index, window=window, first_page=first, num_pages=pages,
-                               state=kind in _STATE_SPECS))
+                               state=_is_state(group)))
         first += pages
     # With the hybrid manager every group has as many layers as there are memory tensors (vLLM pads groups).
     num_layers = max(len(group.layer_names) for group in groups)
@@ -271,7 +274,7 @@ def pages_per_chunk(settings: Settings, kv_cache_config: Any) -> int:
     groups = kv_cache_config.kv_cache_groups
     block_size = groups[0].kv_cache_spec.block_size
     if settings.sources.get("chunk_size", "default") == "default":
-        if any(type(group.kv_cache_spec).__name__ in _STATE_SPECS for group in groups):
+        if any(map(_is_state, groups)):
             return 1
         return -(-settings.chunk_size // block_size)
     if settings.chunk_size % block_size:
@@ -289,7 +292,7 @@ def model_fingerprint(vllm_config: Any, kv_cache_config: Any) -> ModelFingerprin
     ``hf_overrides`` change (``rope_theta``) give the same name and other KV, so both the effective config
     and a digest of the weight files are part of it (``kvoffload.model_digest``)."""
     # The first attention group (a Mamba hybrid may list a state group first; check_supported refuses state only).
-    group = next(g for g in kv_cache_config.kv_cache_groups if type(g.kv_cache_spec).__name__ not in _STATE_SPECS)
+    group = next(g for g in kv_cache_config.kv_cache_groups if not _is_state(g))
     spec = group.kv_cache_spec
     model = vllm_config.model_config
     return ModelFingerprint(

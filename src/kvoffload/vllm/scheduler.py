@@ -39,9 +39,9 @@ otherwise, and always while an asynchronous load is in flight, so that no forwar
 of loads. Also asynchronously when the request leaves no more tokens to compute than a step vLLM may replay as
 a full CUDA graph (a prompt found whole, with vLLM's default graphs: ``identity.full_graph_query_len``): such a
 forward cannot wait for a load layer by layer, so a synchronous load would run before it, not beside it; held
-aside, the load runs beside the forwards of the requests loaded before it (the seed script's second pass, ten
-prompts found whole, took 0.343 s on an H100 with synchronous loads in full graphs against 0.307 s with
-piecewise graphs and layer-by-layer loads).
+aside, the load runs beside the forwards of the requests loaded before it. Measured on an H100, the seed
+script's second pass (ten prompts found whole) took 0.337 s this way against 0.343 s synchronously: within
+run-to-run noise, so it is not what keeps that pass 1.2x above its PCIe floor (docs: benchmarks).
 
 Models of several KV cache groups (vLLM's hybrid KV cache manager: full and sliding-window attention layers):
 a chunk keeps one key (its token prefix) and one slot, in which every group has its own pages
