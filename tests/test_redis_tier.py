@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from kvoffload.config import ConfigError, load_settings
+from kvoffload.keys import with_state_key
 from kvoffload.tiers import redis_node, redis_tier
 from kvoffload.tiers.base import PutResult
 from kvoffload.tiers.disk import HEADER_SIZE
@@ -319,22 +320,22 @@ def test_hung_server_costs_the_scheduler_one_bounded_wait(redis_server: RedisSer
     writer.put_many([(k, payload(i)) for i, k in enumerate(keys)])
     settings = load_settings({"remote_url": redis_server.url, "remote_timeout": TIMEOUT}, environ={})
     lookup = PersistentLookup(settings, FP)
-    assert lookup.count_leading(keys) == 4
+    assert len(lookup.leading(keys)) == 4
     redis_server.pause()
     try:
         start = time.monotonic()
-        assert lookup.count_leading(keys) == 0  # the one wait: remote_timeout
+        assert len(lookup.leading(keys)) == 0  # the one wait: remote_timeout
         assert time.monotonic() - start < 5 * TIMEOUT
         slowest, until = 0.0, time.monotonic() + 2.5  # past two probe intervals
         while time.monotonic() < until:
             start = time.monotonic()
-            assert lookup.count_leading(keys) == 0
+            assert len(lookup.leading(keys)) == 0
             slowest = max(slowest, time.monotonic() - start)
             time.sleep(0.01)
         assert slowest < 0.05, f"a lookup waited {slowest:.3f} s on a server known to be down"
     finally:
         redis_server.resume()
-    wait_until(lambda: lookup.count_leading(keys) == 4, "the lookup did not see the server come back")
+    wait_until(lambda: len(lookup.leading(keys)) == 4, "the lookup did not see the server come back")
     lookup.close()
     writer.close()
 
@@ -398,3 +399,17 @@ def test_auth_key_file_from_the_settings(redis_server: RedisServer, tmp_path) ->
                             environ={})
     with pytest.raises(ConfigError, match="cannot read remote_auth_key_file"):
         RedisTier.from_settings(missing, FP)
+
+
+def test_lookup_tells_which_chunks_are_kept_with_their_state(redis_server: RedisServer) -> None:
+    """A model with state groups: chunk 1 is in Redis with its state (under its own key), chunks 0 and 2 without;
+    chunk 3 is missing. The lookup names the run 0-2 and which of it holds the state, in one round trip."""
+    keys = [key(i) for i in range(10, 14)]
+    writer = RedisTier(redis_server.url, FP, None, TIMEOUT, None)
+    writer.put_many([(keys[0], payload(0)), (with_state_key(keys[1]), payload(1)), (keys[2], payload(2))])
+    lookup = PersistentLookup(load_settings({"remote_url": redis_server.url, "remote_timeout": TIMEOUT},
+                                            environ={}), FP)
+    assert lookup.leading(keys, with_state=True) == [False, True, False]
+    assert lookup.leading(keys) == [False]  # a model without state groups looks for plain keys only
+    lookup.close()
+    writer.close()

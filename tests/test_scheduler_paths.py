@@ -145,7 +145,7 @@ def test_disk_listing_runs_beside_the_step_loop(tmp_path: Path, monkeypatch: pyt
             break
         threading.Event().wait(0.05)
     assert lookup.ready
-    assert lookup.count_leading([b"a" * 32, b"b" * 32]) == 1
+    assert len(lookup.leading([b"a" * 32, b"b" * 32])) == 1
     lookup.close()
 
 

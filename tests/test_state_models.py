@@ -13,7 +13,8 @@ the random-weight model's state decays within a few tokens, and a zeroed state c
 
 Prompts are longer than ``max_num_batched_tokens`` (512): each is prefilled in several steps. vLLM's own prefix
 cache is reset between the two passes (``reset_prefix_cache``, which leaves kvoffload's cache alone), so the
-second pass loads from kvoffload's. ``VLLM_CPU_KVCACHE_SPACE`` fixes the KV cache bytes, so capacities compare
+second pass loads from kvoffload's. The first pass also writes every chunk to a disk tier, from which a new
+engine is started (the restart tests). ``VLLM_CPU_KVCACHE_SPACE`` fixes the KV cache bytes, so capacities compare
 exactly. Mamba-2 hybrids (Nemotron-H, Granite-4, Falcon-H1) take the same path in kvoffload, but vllm-cpu 0.32
 cannot run them with prefix caching (its CPU scan ignores ``return_intermediate_states``), so they are not tested
 here; ``tests/test_unsupported_models.py`` covers the refusals.
@@ -21,7 +22,9 @@ here; ``tests/test_unsupported_models.py`` covers the refusals.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,14 +32,20 @@ import torch
 
 pytest.importorskip("vllm")
 
+from kvoffload.keys import with_state_key  # noqa: E402
 from tests.conftest import EngineRun, run_engine  # noqa: E402
 from tests.greedy import assert_same_greedy, differs_beyond_ties  # noqa: E402
 from tests.test_hybrid_models import capacity  # noqa: E402
+from tests.test_vllm_tiers import chunk_file, files, tier_summary  # noqa: E402
 from tests.tiny_archs import long_prompt, write_tiny_arch  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-PROMPTS = [long_prompt(1, 9 * 128 + 1), long_prompt(2, 9 * 128 + 1), long_prompt(3, 5 * 128 + 1)]
+# The third prompt is the first one's first 641 tokens: the first stores that chunk without a state (vLLM keeps
+# none at 640 for it), the third names the state there, and its second pass hits only if the chunk was stored
+# again with it.
+PROMPTS = [long_prompt(1, 9 * 128 + 1), long_prompt(2, 9 * 128 + 1)]
+PROMPTS.append(" ".join(PROMPTS[0].split()[:5 * 128 + 1]))
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: the same KV cache bytes in every engine
 ENGINE = {"enable_prefix_caching": True}  # vLLM's align mode, which kvoffload needs for state
 
@@ -61,12 +70,43 @@ def baseline(model: str) -> EngineRun:
     return run_engine(spec(model), env=ENV)
 
 
+def disk_config(root: Path) -> dict:
+    return {"max_local_cpu_size": 0.5, "local_disk": str(root), "max_local_disk_size": 1}
+
+
 @pytest.fixture(scope="module")
-def offloaded(model: str, tmp_path_factory: pytest.TempPathFactory) -> EngineRun:
-    disk = tmp_path_factory.mktemp("state-disk")
-    return run_engine(spec(model, rounds=2, reset_prefix_cache=True, connector="plugin",
-                           extra_config={"max_local_cpu_size": 0.5, "local_disk": str(disk),
-                                         "max_local_disk_size": 1}), env=ENV)
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def offloaded(model: str, work: Path) -> EngineRun:
+    """Both passes through the real connector (logging each prompt's chunk keys) with a disk tier."""
+    return run_engine(spec(model, rounds=2, reset_prefix_cache=True, connector="tests.connectors",
+                           connector_name="KeyLogConnector", extra_config=disk_config(work / "disk")),
+                      env={**ENV, "KVO_TEST_KEY_LOG": str(work / "keys.jsonl")})
+
+
+def prompt_chains(work: Path) -> list[list[bytes]]:
+    """Each prompt's chunk keys, in the order the prompts were first looked up (the order they were sent). The log
+    names a prompt by its first 8 tokens, which the first and the third share: their chains differ in length."""
+    chains: dict[tuple[tuple[int, ...], int], list[bytes]] = {}
+    for line in (work / "keys.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        chains.setdefault((tuple(record["prompt"]), len(record["keys"])), [bytes.fromhex(k) for k in record["keys"]])
+    assert len(chains) == len(PROMPTS)
+    return list(chains.values())
+
+
+@pytest.fixture(scope="module")
+def restarted(model: str, work: Path, offloaded: EngineRun) -> EngineRun:
+    """A new engine on a copy of that disk tier, from which the first prompt's last chunk (the one kept with its
+    state) is gone; its chunks without a state are all there."""
+    root = work / "restart"
+    shutil.copytree(work / "disk", root)
+    last_whole = (len(PROMPTS[0].split()) - 1) // chunk_tokens(offloaded) - 1
+    chunk_file(root, with_state_key(prompt_chains(work)[0][last_whole])).unlink()
+    return run_engine(spec(model, connector="plugin", extra_config=disk_config(root)), env=ENV)
 
 
 def test_hybrid_manager_stays_on_with_the_same_kv_capacity(baseline: EngineRun, offloaded: EngineRun) -> None:
@@ -84,10 +124,32 @@ def test_outputs_identical_and_hits_end_on_the_kept_state(baseline: EngineRun, o
     assert "Loaded KV cache for" in offloaded.log
 
 
-def test_the_disk_tier_is_not_used_for_state(offloaded: EngineRun) -> None:
-    """Whether a chunk holds its state is not kept on disk yet: the disk tier stays off, and says so."""
-    assert "local_disk and remote_url are not used" in offloaded.log
-    assert offloaded.metrics["kvoffload:disk_writes_total"] == 0
+def test_each_chunk_goes_to_disk_once_and_the_last_with_its_state(offloaded: EngineRun, work: Path) -> None:
+    """A chunk kept with its state has a key of its own on disk (``with_state_key``): the prompt's whole chunks
+    are there, the last one (where vLLM kept the state) under that key; the partial tail is not stored."""
+    block = chunk_tokens(offloaded)
+    expected = set()
+    for prompt, chain in zip(PROMPTS, prompt_chains(work)):
+        whole = (len(prompt.split()) - 1) // block
+        expected |= {key.hex() for key in chain[:whole - 1]} | {with_state_key(chain[whole - 1]).hex()}
+    on_disk = {path.stem for path in files(work / "disk")}
+    assert on_disk == expected
+    assert tier_summary(offloaded, "disk")["wrote"] == len(expected)
+
+
+def test_a_restart_loads_from_disk_up_to_a_kept_state_only(restarted: EngineRun, baseline: EngineRun) -> None:
+    """The restart loads each prompt from disk up to its last chunk there that holds a state. The first prompt's
+    own (at 1,152) is gone: its hit ends at 640, where the third prompt, its prefix, left one; never at 1,152 on
+    chunks without a state (a hit there would start from no recurrent state)."""
+    assert_same_greedy(restarted.rounds[0], baseline, what="outputs served from the disk tier differ")
+    block = chunk_tokens(restarted)
+    third = (len(PROMPTS[2].split()) - 1) // block * block  # 640
+    second = (len(PROMPTS[1].split()) - 1) // block * block  # 1,152
+    # The log lists hits in the order requests were admitted, which the prefetches reorder.
+    assert sorted(restarted.hit_tokens()) == sorted([third, second, third])
+    # The shared 640 tokens are read once; the request that comes second loads them from the host pool.
+    assert tier_summary(restarted, "disk")["read"] == (third + second) // block
+    assert restarted.metrics["vllm:prompt_tokens_cached_by_source{source=disk}"] >= third + second
 
 
 def test_zeroing_the_loaded_state_changes_outputs(model: str, baseline: EngineRun) -> None:

@@ -90,6 +90,16 @@ def chunk_keys(namespace: bytes, token_ids: Sequence[int], chunk_size: int, star
     return keys
 
 
+def with_state_key(key: bytes) -> bytes:
+    """The key under which the persistent tiers keep chunk ``key`` together with the recurrent state after its last
+    token (a model with Mamba/linear-attention state groups).
+
+    vLLM keeps such a state only at a few boundaries, so one chunk has two payloads: with a valid state page and
+    without. Two keys let a tier stay a plain key -> bytes store, and tell a lookup from existence alone which
+    chunks on disk or in Redis may end a hit (``kvoffload.vllm.persistent``)."""
+    return hashlib.sha256(b"kvoffload-state\0" + key).digest()
+
+
 def _link(parent: bytes, chunk: np.ndarray) -> bytes:
     h = hashlib.sha256(parent)
     h.update(len(chunk).to_bytes(4, "little"))

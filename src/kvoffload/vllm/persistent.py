@@ -18,7 +18,7 @@ import logging
 import threading
 
 from kvoffload.config import Settings
-from kvoffload.keys import ModelFingerprint
+from kvoffload.keys import ModelFingerprint, with_state_key
 
 logger = logging.getLogger("kvoffload")
 
@@ -66,18 +66,25 @@ class PersistentLookup:
         """Whether the disk listing is done (lookups before it would miss what is on disk)."""
         return self._listed.is_set()
 
-    def count_leading(self, keys: list[bytes]) -> int:
-        """How many of ``keys``, from the first, exist in some persistent tier."""
-        count = 0
+    def leading(self, keys: list[bytes], with_state: bool = False) -> list[bool]:
+        """The run of ``keys``, from the first, that exists in some persistent tier: for each, whether it is kept
+        with its state (``with_state_key``; asked only with ``with_state``, for a model with state groups)."""
+        variants = [with_state_key(key) for key in keys] if with_state else []
+        found: list[bool] = []
         with self._lock:
-            while count < len(keys) and keys[count] in self._known:
-                count += 1
-        if self._remote is not None and count < len(keys):
-            for present in self._remote.contains(keys[count:]):
-                if not present:
+            for key, variant in zip(keys, variants or keys):
+                stated = with_state and variant in self._known
+                if not (stated or key in self._known):
                     break
-                count += 1
-        return count
+                found.append(stated)
+        rest = len(keys) - len(found)
+        if self._remote is not None and rest:
+            present = self._remote.contains(keys[len(found):] + variants[len(found):])  # one round trip
+            for plain, stated in zip(present[:rest], present[rest:] if with_state else [False] * rest):
+                if not (plain or stated):
+                    break
+                found.append(stated)
+        return found
 
     def add(self, key: bytes) -> None:
         with self._lock:

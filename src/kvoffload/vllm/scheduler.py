@@ -40,8 +40,9 @@ of loads. Also asynchronously when the request leaves no more tokens to compute 
 a full CUDA graph (a prompt found whole, with vLLM's default graphs: ``identity.full_graph_query_len``): such a
 forward cannot wait for a load layer by layer, so a synchronous load would run before it, not beside it; held
 aside, the load runs beside the forwards of the requests loaded before it. Measured on an H100, the seed
-script's second pass (ten prompts found whole) took 0.337 s this way against 0.343 s synchronously: within
-run-to-run noise, so it is not what keeps that pass 1.2x above its PCIe floor (docs: benchmarks).
+script's second pass (ten prompts found whole) took 0.337 s this way, 0.343 s synchronously, and 0.340 s with the
+hit one token shorter so that vLLM ran those steps piecewise and the loads went layer by layer: all within
+run-to-run noise, so how these loads run is not what keeps that pass 1.2x above its PCIe floor (docs: benchmarks).
 
 Models of several KV cache groups (vLLM's hybrid KV cache manager: full and sliding-window attention layers):
 a chunk keeps one key (its token prefix) and one slot, in which every group has its own pages
@@ -58,7 +59,9 @@ is such a boundary stores that block as its state page (``Entry.has_state``); a 
 the run that has one, and its load writes the state into the one Mamba block vLLM allocates for the hit. Those
 loads are asynchronous: vLLM copies a hit's state into the request's running block before the step's forward and
 before a connector's ``start_load_kv`` (``preprocess_mamba``), so the state must be in before the request runs. A
-prompt's last, partial chunk is not stored: a hit never ends there.
+prompt's last, partial chunk is not stored: a hit never ends there. On disk and in Redis a chunk kept with its state has a key of its
+own (``keys.with_state_key``), so a lookup knows from existence alone where a hit read back may end; a chunk first
+stored without its state is stored again when a later step names that state.
 
 How much one step loads: with asynchronous scheduling vLLM plans step *N+1* while step *N* runs, so the loads
 it admits then queue right behind step *N*'s on the copy engine, which stays busy across the step boundary.
@@ -78,7 +81,7 @@ from enum import Enum
 from typing import Any
 
 from kvoffload.config import Settings
-from kvoffload.keys import chunk_keys, request_namespace
+from kvoffload.keys import chunk_keys, request_namespace, with_state_key
 from kvoffload.tiers.host_index import HOST, Entry, HostIndex, SlotState
 from kvoffload.vllm import compat, events
 from kvoffload.vllm.events import ChunkEvents
@@ -153,7 +156,9 @@ class _Request:
     wait_deadline: float = 0.0
     prefetch_open: bool = True  # the persistent tiers may still be asked for the rest of the prefix
     prefetch_deadline: float = 0.0  # until when it may wait for room in the host pool to prefetch into
-    present_end: int | None = None  # chunks from the first that exist on disk/remote, asked once per request
+    # Per chunk of the chain, from the first, while on disk/remote: whether with its state (asked once per request;
+    # False for chunks the host pool had then).
+    persisted: list[bool] | None = None
     answer: tuple[int, int] | None = None  # (hit, need) of the last lookup, logged once vLLM admits the request
     load_async: bool = False  # how the promised load runs (see the module docstring)
     waited: bool = False
@@ -229,7 +234,7 @@ class OffloadScheduler:
         elif op.kind is OpKind.PERSIST:
             self.stats.add("persisted_chunks" if ok else "persist_failures", 1)
             if ok and self.persistent is not None:
-                self.persistent.add(entry.key)
+                self.persistent.add(self._tier_key(entry))
                 self.events.stored(entry.key, events.STORAGE)
             if not self.settings.local_cpu:
                 self.index.drop(entry)  # freed once no load reads it any more
@@ -237,7 +242,7 @@ class OffloadScheduler:
             if ok:
                 entry.origin = op.source or HOST
             elif self.persistent is not None:
-                self.persistent.discard(entry.key)
+                self.persistent.discard(self._tier_key(entry))
                 self.events.removed(entry.key, events.STORAGE)
             self.index.complete(entry, ok)
             if ok:
@@ -407,9 +412,12 @@ class OffloadScheduler:
             state.pinned.append(entry)
         first = len(have)
         candidates = state.chain[first:]
-        if state.present_end is None:  # retries reuse the answer: a Redis round trip per step would add up
-            state.present_end = first + self.persistent.count_leading(candidates)
-        present = max(state.present_end - first, 0)
+        if state.persisted is None:  # retries reuse the answer: a Redis round trip per step would add up
+            state.persisted = [False] * first + self.persistent.leading(candidates, self.layout.has_state)
+        end = len(state.persisted)
+        if self.layout.has_state:  # what follows the last chunk kept with its state cannot be part of a hit
+            end = next((k for k in range(end, first, -1) if state.persisted[k - 1]), first)
+        present = max(end - first, 0)
         short = 0  # chunks present on disk/remote that found no free slot
         for position, key in enumerate(candidates[:present]):
             entry = self.index.get(key)
@@ -423,12 +431,13 @@ class OffloadScheduler:
             if entry is None:
                 short = present - position
                 break
+            entry.has_state = state.persisted[index]
             self.events.describe(key, state.request, index * self.chunk_size,
                                  min(self.chunk_size, state.request.num_prompt_tokens - index * self.chunk_size))
             self.index.pin(entry)
             state.pinned.append(entry)
-            self._prefetches.append(Prefetch(op=self._start(OpKind.PREFETCH, entry), key=key, slot=entry.slot,
-                                             num_pages=num_pages))
+            self._prefetches.append(Prefetch(op=self._start(OpKind.PREFETCH, entry), key=self._tier_key(entry),
+                                             slot=entry.slot, num_pages=num_pages))
             state.waiting.add(entry)
         # Retry on a later lookup only while other requests hold slots that their loads will free.
         state.prefetch_open = (short > 0 and now < state.prefetch_deadline
@@ -606,9 +615,11 @@ class OffloadScheduler:
             else:
                 break
             known = self.index.get(key)
-            if known is not None:
+            if known is not None and not self._adds_state(known, start + num_tokens, boundary_states):
                 self.index.touch(known)
                 continue
+            if known is not None:  # stored before without the state vLLM names now: store it again, with it
+                self.index.drop(known)
             num_pages = math.ceil(num_tokens / self.block_size)
             stored = self._store_pages(state, start // self.block_size, num_pages, num_tokens,
                                        boundary_states)
@@ -622,7 +633,7 @@ class OffloadScheduler:
             entry.has_state = has_state
             self.events.describe(key, request, start, num_tokens)
             copies.append(ChunkCopy(op=self._start(OpKind.STORE, entry), slot=entry.slot, block_ids=block_ids,
-                                    first_page=0, num_pages=entry.num_pages, key=key,
+                                    first_page=0, num_pages=entry.num_pages, key=self._tier_key(entry),
                                     persist_op=self._start(OpKind.PERSIST, entry) if persist else None,
                                     pages=pages if self.layout.compact else None))
             state.stored_blocks[key] = by_group
@@ -665,6 +676,17 @@ class OffloadScheduler:
                 pages.append(group.slot_page(num_pages, page))
             by_group.append(kept)
         return block_ids, pages, by_group, has_state and self.layout.has_state
+
+    def _adds_state(self, known: Entry, end: int, boundary_states: dict[int, dict[int, int]]) -> bool:
+        """Whether this step names the state at token ``end`` for an idle chunk that was stored without it (vLLM
+        kept no state there for an earlier request): without that state it could never end a hit."""
+        return (self.layout.has_state and not known.has_state and known.state is SlotState.READY and known.pins == 0
+                and all(end in boundary_states.get(g.group, {}) for g in self.layout.groups if g.state))
+
+    @staticmethod
+    def _tier_key(entry: Entry) -> bytes:
+        """The key of ``entry`` on disk and in Redis: a chunk kept with its state has a key of its own."""
+        return with_state_key(entry.key) if entry.has_state else entry.key
 
     def _whole_key(self, state: _Request, chunk: int) -> bytes:
         if chunk < len(state.prompt_keys):
@@ -739,9 +761,8 @@ class OffloadScheduler:
                 self.events.removed(key, events.STORAGE)
 
     def _wants_persistence(self) -> bool:
-        """Whether to open the disk/remote index. Not for a model with state (``OffloadWorker`` says why in its log):
-        whether a chunk's slot holds its state (``Entry.has_state``) is not kept with the chunk on disk yet."""
-        return self.fingerprint.identified and not self.layout.has_state and (
+        """Whether to open the disk/remote index."""
+        return self.fingerprint.identified and (
             self.settings.local_disk is not None or self.settings.remote_url is not None)
 
     def take_events(self) -> list[Any]:

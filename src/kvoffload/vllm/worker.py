@@ -137,11 +137,7 @@ class OffloadWorker:
             self.layout += ";groups=" + ",".join("state" if g.state else "full" if g.window is None
                                                   else f"window{g.window}:{g.num_pages}" for g in layout.groups)
         self._report.layout = self.layout
-        if layout.has_state and (self.settings.local_disk is not None or self.settings.remote_url is not None):
-            logger.warning("kvoffload: this model keeps Mamba/linear-attention state: its chunks stay in the host "
-                           "pool, and local_disk and remote_url are not used (whether a chunk holds its state is "
-                           "not kept with it on disk or in Redis yet)")
-        elif model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
+        if model_fingerprint.identified:  # else model_fingerprint() said why the disk and remote tiers stay off
             self._open_tiers(storage_fingerprint(model_fingerprint, self.layout, self.share.rank,
                                                  self.share.world_size), num_slots)
         logger.info("kvoffload: worker %d/%d: %d layers, %d-byte pages, %d slots of %.1f MB%s",
