@@ -11,6 +11,7 @@ the moment ``generate`` was called:
 * ``seed_paused``: the same with a pause of two seconds after the first run, so its stores are over.
 
 Usage (on the GPU machine): python benchmarks/profile_warm.py [--arch qwen3-8b] [--scenarios twice,seed]
+[--graphs eager|default] (``enforce_eager``, the earlier traces, or vLLM's own compilation and CUDA graphs).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen3-8b")
     parser.add_argument("--scenarios", default="twice,paused,seed")
+    parser.add_argument("--graphs", default="eager", choices=["eager", "default"])
     args = parser.parse_args()
     here = str(Path(__file__).resolve().parent)
     sys.path.insert(0, here)
@@ -145,7 +147,8 @@ def main() -> None:
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     gpu_gib, pool_gib = memory_gib(args.arch)
-    llm = LLM(model=write_config(args.arch), load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
+    llm = LLM(model=write_config(args.arch), load_format="dummy", skip_tokenizer_init=True,
+              enforce_eager=args.graphs == "eager",
               max_model_len=16384, enable_prefix_caching=False, gpu_memory_utilization=gpu_gib / total, seed=0,
               kv_transfer_config=KVTransferConfig(
                   kv_connector="TracingConnector", kv_role="kv_both", kv_connector_module_path="profile_warm",
