@@ -59,9 +59,9 @@ is such a boundary stores that block as its state page (``Entry.has_state``); a 
 the run that has one, and its load writes the state into the one Mamba block vLLM allocates for the hit. Those
 loads are asynchronous: vLLM copies a hit's state into the request's running block before the step's forward and
 before a connector's ``start_load_kv`` (``preprocess_mamba``), so the state must be in before the request runs. A
-prompt's last, partial chunk is not stored: a hit never ends there. On disk and in Redis a chunk kept with its state has a key of its
-own (``keys.with_state_key``), so a lookup knows from existence alone where a hit read back may end; a chunk first
-stored without its state is stored again when a later step names that state.
+prompt's last, partial chunk is not stored: a hit never ends there. On disk and in Redis a chunk kept with its
+state has a key of its own (``keys.with_state_key``), so a lookup knows from existence alone where a hit read back
+may end; a chunk first stored without its state is stored again when a later step names that state.
 
 How much one step loads: with asynchronous scheduling vLLM plans step *N+1* while step *N* runs, so the loads
 it admits then queue right behind step *N*'s on the copy engine, which stays busy across the step boundary.
