@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvoffload.config import ConfigError
+from kvoffload.keys import with_state_key
 from kvoffload.tiers import disk
 from kvoffload.tiers.base import PutResult
 from kvoffload.tiers.disk import HEADER_SIZE, DiskReader, DiskTier, list_disk_keys
@@ -116,6 +118,20 @@ def test_header_for_another_key_is_a_miss_and_removed(tmp_path: Path) -> None:
     tier = DiskTier(str(tmp_path), FP, 10**6)
     assert read(tier, key(1)) is None
     assert not p.exists() and tier.stats.corrupt == 1
+
+
+def test_chunk_without_its_state_under_its_state_key_is_a_miss(tmp_path: Path) -> None:
+    """A model with state: a chunk saved without its state, copied to the name of the same chunk with its state,
+    must not be read as one (its stale state page would start a hit from the wrong recurrent state)."""
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    tier.put(key(3), payload(3))
+    p = path_of(tmp_path, with_state_key(key(3)))
+    os.makedirs(p.parent, exist_ok=True)
+    shutil.copy(path_of(tmp_path, key(3)), p)
+    tier = DiskTier(str(tmp_path), FP, 10**6)
+    assert read(tier, with_state_key(key(3))) is None
+    assert not p.exists() and tier.stats.corrupt == 1
+    assert read(tier, key(3)) == bytes(payload(3))  # the chunk itself still serves, without its state
 
 
 def in_thread(call, timeout: float = 5.0, unblock=None):
