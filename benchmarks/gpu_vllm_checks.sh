@@ -5,6 +5,7 @@
 # first PYTHONPATH folder. Without it the tests that select the connector by name fail with vLLM's
 # "Unsupported connector type: KVOffloadConnector" (the session of 2026-12-07 lost a command to that).
 # Logs under $OUT; the exit status is pytest's. Usage: OUT=... PYTHONPATH=$HOME/site bash benchmarks/gpu_vllm_checks.sh
+# [TEST_FILE...] (by default every file holding gpu tests; one command may run 10 minutes, the whole set takes longer)
 set -uo pipefail
 : "${OUT:?set OUT to the output directory}"
 : "${PYTHONPATH:?put the carried vLLM first on PYTHONPATH}"
@@ -24,7 +25,8 @@ groups = project["entry-points"]
     f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items()) for group, points in groups.items()))
 from importlib.metadata import distributions
 written = [ep for dist in distributions(path=[sys.argv[1]]) for ep in dist.entry_points]
-assert [ep.value for ep in written if ep.group == "vllm.general_plugins"] == ["kvoffload.vllm.plugin:register"]
+plugins = [ep.value for ep in written if ep.group == "vllm.general_plugins"]
+assert "kvoffload.vllm.plugin:register" in plugins, f"entry points read back from {sys.argv[1]}: {written}"
 print(f"registered {info}")
 PY
 # The examples' GPU tests use DOCS_GPU_MODEL (default Qwen/Qwen3-8B, not on the machine): a tiny model unless set.
@@ -33,6 +35,6 @@ if [ -z "${DOCS_GPU_MODEL:-}" ]; then
   "$PYTHON" tests/tiny_model.py "$DOCS_GPU_MODEL" >/dev/null || exit 1
 fi
 # The files holding gpu tests only: the others may import what the GPU machine lacks (redis-py)
-mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py tests/docs/test_*.py)
-"$PYTHON" -m pytest "${files[@]}" -m gpu -q -p no:cacheprovider -rs --junitxml="$OUT/gpu_pytest.xml" 2>&1 | tee "$OUT/gpu_pytest.log"
+if [ $# -gt 0 ]; then files=("$@"); else mapfile -t files < <(grep -l "pytest.mark.gpu" tests/test_*.py tests/docs/test_*.py); fi
+"$PYTHON" -m pytest "${files[@]}" -m gpu -q -p no:cacheprovider -rs --durations=15 --junitxml="$OUT/gpu_pytest.xml" 2>&1 | tee "$OUT/gpu_pytest.log"
 exit "${PIPESTATUS[0]}"

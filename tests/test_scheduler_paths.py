@@ -257,6 +257,39 @@ def test_kv_events_announce_each_medium_with_vllm_block_hashes(tmp_path: Path) -
     quiet.shutdown()
 
 
+def test_a_chunk_kept_with_its_state_is_removed_from_storage_under_its_state_key() -> None:
+    """The disk tier reports an evicted file by the key it was written under; for a chunk kept with its Mamba/GDN
+    state that is ``with_state_key(key)``, which a router never saw: the removal names the chunk's blocks."""
+    from vllm.distributed.kv_events import BlockRemoved
+
+    from kvoffload.keys import with_state_key
+    from kvoffload.vllm import events
+    from kvoffload.vllm.compat import external_block_hash
+
+    chunks = events.ChunkEvents(vllm_config(1, kv_events=True), BLOCK)
+    request = Request("a", PROMPT)
+    plain, stated = b"p" * 32, b"s" * 32
+    for key, first in ((plain, 0), (stated, CHUNK)):
+        chunks.describe(key, request, first, CHUNK)
+        chunks.stored(key, events.CPU)
+    chunks.stored(plain, events.STORAGE, stored_as=plain)
+    chunks.stored(stated, events.STORAGE, stored_as=with_state_key(stated))
+    chunks.take()
+    chunks.removed(stated, events.CPU)  # the pool evicts it; the disk still holds it under the state key
+    chunks.removed(with_state_key(stated), events.STORAGE)
+    chunks.removed(plain, events.STORAGE)
+    removed = chunks.take()
+    assert [(type(e), e.medium) for e in removed] == [(BlockRemoved, "CPU"), (BlockRemoved, "STORAGE"),
+                                                       (BlockRemoved, "STORAGE")]
+    per_block = CHUNK // BLOCK
+    hashes = [external_block_hash(h) for h in request.block_hashes]
+    assert removed[1].block_hashes == removed[0].block_hashes == hashes[per_block:2 * per_block]
+    assert removed[2].block_hashes == hashes[:per_block]
+    assert stated not in chunks._chunks and chunks._stored_as == {}  # gone from every medium: nothing kept
+    chunks.removed(with_state_key(stated), events.STORAGE)  # a second report of the same file says nothing
+    assert chunks.take() == []
+
+
 def test_full_graph_steps_follow_vllms_cuda_graph_mode() -> None:
     """Which steps vLLM may replay as a full CUDA graph (skipping the per-layer hooks), by graph mode: none
     without full graphs, uniform decodes (one token, plus the speculative ones) in the default mode, every

@@ -10,7 +10,8 @@ pool, ``STORAGE`` for the disk and remote tiers.
 What a chunk's event says is taken from the request that stored or prefetched it (its block hashes and
 tokens), and kept until the chunk has left every medium, so that the removal names the same hashes. A chunk
 found on disk after a restart and not looked up since is not announced: its hashes are known only once a
-request asks for it.
+request asks for it. A chunk kept with its Mamba/GDN state is written to disk and Redis under a key of its own
+(``keys.with_state_key``), which is what the disk tier's removal report names: it is mapped back to the chunk.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _Described:
     lora_id: int | None
     lora_name: str | None
     media: set[str] = field(default_factory=set)
+    stored_as: bytes | None = None  # the persistent tiers' key when it is not the chunk's
 
 
 class ChunkEvents:
@@ -42,6 +44,7 @@ class ChunkEvents:
         self.enabled = bool(config is not None and getattr(config, "enable_kv_cache_events", False))
         self.block_size = block_size
         self._chunks: dict[bytes, _Described] = {}
+        self._stored_as: dict[bytes, bytes] = {}  # persistent tiers' key -> chunk key, where they differ
         self._events: list[Any] = []
 
     def describe(self, key: bytes, request: Any, first_token: int, num_tokens: int) -> None:
@@ -61,9 +64,15 @@ class ChunkEvents:
             lora_id=lora.adapter_id if lora is not None else None,
             lora_name=lora.name if lora is not None else None)
 
-    def stored(self, key: bytes, medium: str) -> None:
+    def stored(self, key: bytes, medium: str, stored_as: bytes | None = None) -> None:
+        """``stored_as``: the key the chunk was written under on disk or Redis, when it is not ``key``."""
         described = self._chunks.get(key)
-        if described is None or medium in described.media:
+        if described is None:
+            return
+        if stored_as is not None and stored_as != key:
+            described.stored_as = stored_as
+            self._stored_as[stored_as] = key
+        if medium in described.media:
             return
         described.media.add(medium)
         self._events.append(compat.block_stored(
@@ -72,11 +81,17 @@ class ChunkEvents:
             lora_name=described.lora_name, medium=medium, group_idx=0))
 
     def removed(self, key: bytes, medium: str) -> None:
+        """``key``: the chunk's, or for STORAGE the key a tier names in its report (``stored_as``)."""
+        if medium == STORAGE:
+            key = self._stored_as.get(key, key)
         described = self._chunks.get(key)
         if described is None or medium not in described.media:
             return
         described.media.discard(medium)
         self._events.append(compat.block_removed(block_hashes=described.block_hashes, medium=medium, group_idx=0))
+        if medium == STORAGE and described.stored_as is not None:
+            self._stored_as.pop(described.stored_as, None)
+            described.stored_as = None
         if not described.media:
             del self._chunks[key]
 

@@ -235,7 +235,7 @@ class OffloadScheduler:
             self.stats.add("persisted_chunks" if ok else "persist_failures", 1)
             if ok and self.persistent is not None:
                 self.persistent.add(self._tier_key(entry))
-                self.events.stored(entry.key, events.STORAGE)
+                self.events.stored(entry.key, events.STORAGE, stored_as=self._tier_key(entry))
             if not self.settings.local_cpu:
                 self.index.drop(entry)  # freed once no load reads it any more
         else:
