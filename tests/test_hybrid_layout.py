@@ -83,7 +83,11 @@ def test_a_state_group_keeps_one_page_and_chunks_are_one_block_by_default() -> N
     assert state.state and state.num_pages == 1 and full.num_pages == 1
     assert layout.chunk_tokens == 128 and layout.has_state and layout.compact
     assert list(state.stored_pages(1, 128, 128)) == [0] and state.slot_page(1, 0) == state.first_page
-    assert "group 0: Mamba/linear-attention state, 1 pages per chunk" in layout.describe()
+    page = state_config().kv_cache_groups[1].kv_cache_spec.page_size_bytes  # the groups overlay one tensor
+    assert layout.num_layers == 1 and layout.describe() == (
+        f"group 0: Mamba/linear-attention state, 1 pages per chunk; group 1: full attention, 1 pages per chunk; "
+        f"{page // 128} bytes per token and attention group, {page} bytes per state and state group; "
+        f"{2 * page / 1e6:.3g} MB per chunk slot")
     chosen = slot_layout(load_settings({"chunk_size": 512}, environ={}), state_config())
     assert chosen.pages_per_chunk == 4 and list(chosen.groups[0].stored_pages(4, 512, 128)) == [3]
     with pytest.raises(ConfigError, match="'chunk_size'.*multiple of this engine's KV block size 128"):

@@ -222,12 +222,17 @@ class SlotLayout:
         return self.pages_per_slot if self.compact else chunk_pages
 
     def describe(self) -> str:
-        """Per group what is offloaded, for the start log line."""
+        """Per group what is offloaded and what a chunk costs in the host pool, for the start log line. A page is
+        one vLLM block across the KV cache tensors; a state group's page is one recurrent state, so its size is
+        given per state, not per token (vLLM's align mode makes the attention block as large as a state)."""
         token_bytes = self.num_layers * self.page_bytes / self.block_size
         parts = [f"group {g.group}: " + ("Mamba/linear-attention state" if g.state else "full attention"
                                          if g.window is None else f"sliding window {g.window}")
                  + f", {g.num_pages} pages per chunk" for g in self.groups]
-        return "; ".join(parts) + f"; {token_bytes:.0f} bytes per token and group"
+        text = "; ".join(parts) + f"; {token_bytes:.0f} bytes per token and attention group"
+        if self.has_state:
+            text += f", {self.num_layers * self.page_bytes} bytes per state and state group"
+        return text + f"; {self.slot_bytes / 1e6:.3g} MB per chunk slot"
 
 
 def slot_layout(settings: Settings, kv_cache_config: Any) -> SlotLayout:
