@@ -26,7 +26,7 @@ groups = project["entry-points"]
 from importlib.metadata import distributions
 written = [ep for dist in distributions(path=[sys.argv[1]]) for ep in dist.entry_points]
 plugins = [ep.value for ep in written if ep.group == "vllm.general_plugins"]
-assert "kvoffload.vllm.plugin:register" in plugins, f"entry points read back from {sys.argv[1]}: {written}"
+assert plugins == ["kvoffload.vllm.plugin:register"], f"entry points read back from {sys.argv[1]}: {written}"
 print(f"registered {info}")
 PY
 # The examples' GPU tests use DOCS_GPU_MODEL (default Qwen/Qwen3-8B, not on the machine): a tiny model unless set.
